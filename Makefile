@@ -1,0 +1,39 @@
+# mimi: `make demo` runs MiMi end to end on the built-in default; `make test` runs lint and the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA ?= data/minivtab
+RUN ?= runs/demo
+
+.PHONY: venv install test lint demo minivtab fashion-mnist clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch/torchvision pinned first: on the project's machines pip takes them from local disk.
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev,offline,peft]"
+	touch $@
+
+venv install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest
+
+# Fashion-MNIST for the MiniVTAB tasks built from it (Debian package; torchvision can download it elsewhere).
+fashion-mnist:
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+minivtab: install fashion-mnist
+	$(VENV)/bin/mimi data minivtab --root $(DATA)
+
+demo: install
+	$(VENV)/bin/mimi demo --data-root $(DATA) --out $(RUN)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

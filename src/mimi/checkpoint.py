@@ -1,0 +1,123 @@
+"""Tiny per-task checkpoints: only the trained tensors (adapters + head) as safetensors.
+
+The adapter config and per-adapter hidden sizes live in the file's metadata, so a bare backbone of the
+same architecture is restored exactly by :func:`load_adapters`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import AdapterConfig, adapter_config, adapters, add_adapters, freeze_backbone
+from .errors import CheckpointError
+from .io_utils import atomic_write
+from .shrink import apply_plan
+
+FORMAT = "mimi-adapters/1"
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a task owns: every trainable parameter (adapters, head, trained norms)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapters(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write the trained tensors of ``model`` (never the frozen backbone) as a safetensors file.
+
+    Args:
+        model: a model adapted with :func:`mimi.add_adapters` (or with only its head trained).
+        path: destination ``.safetensors`` file (written atomically).
+        metadata: extra string entries to store (e.g. the backbone name).
+
+    Returns:
+        The path written.
+    """
+    config = adapter_config(model)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    meta = {
+        "format": FORMAT,
+        "adapter_config": json.dumps(config.to_dict() if config else None),
+        "sizes": json.dumps({n: a.hidden_dim for n, a in adapters(model)}),
+        "num_classes": str(getattr(model, "num_classes", "")),
+        "trainable": json.dumps(sorted(trained_state(model))),
+        "head": json.dumps(sorted(n for n, _ in head.named_parameters()) if isinstance(head, nn.Module) else []),
+    }
+    meta.update(metadata or {})
+    tensors = trained_state(model)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a checkpoint written by :func:`save_adapters`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a mimi adapter checkpoint (format {meta.get('format')!r}, expected {FORMAT})"
+        )
+    return meta
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
+    """Restore an adapted model from a bare backbone and a file written by :func:`save_adapters`.
+
+    The backbone must be the same architecture (and pretrained weights) as the one trained. Adapters
+    are inserted with the saved config, shrunk to the saved sizes (absent ones removed), the head is
+    resized to the saved number of classes, and the saved tensors are loaded strictly.
+
+    Returns:
+        The same model, modified in place.
+    """
+    meta = read_metadata(path)
+    tensors = load_tensors(path)
+    config_d = json.loads(meta["adapter_config"])
+    sizes: dict[str, int] = json.loads(meta["sizes"])
+    num_classes = int(meta["num_classes"]) if meta.get("num_classes", "").isdigit() else None
+    if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        model.reset_classifier(num_classes)
+    if config_d is not None:
+        if adapters(model):
+            raise CheckpointError("load_adapters expects a bare backbone, but the model already holds adapters")
+        add_adapters(model, AdapterConfig.from_dict(config_d))
+        present = {n for n, _ in adapters(model)}
+        if not set(sizes) <= present:
+            raise CheckpointError(f"{path}: adapters {sorted(set(sizes) - present)[:3]} do not exist in this backbone")
+        apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
+    else:
+        freeze_backbone(model)
+    expected = set(json.loads(meta["trainable"]))
+    params = dict(model.named_parameters())
+    missing = expected - set(params)
+    if missing:
+        raise CheckpointError(
+            f"{path}: tensors {sorted(missing)[:3]} have no place in this model (other architecture?)"
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = params[name]
+            if p.shape != t.shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(t.shape)} but the model expects {tuple(p.shape)}; "
+                    "use the backbone (and --img-size) the checkpoint was trained with"
+                )
+            p.copy_(t.to(dtype=p.dtype, device=p.device))
+    for name, p in params.items():
+        p.requires_grad_(name in expected)
+    return model
