@@ -27,13 +27,21 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapters(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+def save_adapters(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the trained tensors of ``model`` (never the frozen backbone) as a safetensors file.
 
     Args:
         model: a model adapted with :func:`mimi.add_adapters` (or with only its head trained).
         path: destination ``.safetensors`` file (written atomically).
         metadata: extra string entries to store (e.g. the backbone name).
+        extra_tensors: more tensors to store under their own names (e.g. optimizer state of a resumable
+            checkpoint); they must not clash with parameter names and are ignored by :func:`load_adapters`.
 
     Returns:
         The path written.
@@ -50,6 +58,7 @@ def save_adapters(model: nn.Module, path: str | Path, *, metadata: dict[str, str
     }
     meta.update(metadata or {})
     tensors = trained_state(model)
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -102,16 +111,36 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
     else:
         freeze_backbone(model)
+    return restore_trained(model, path, meta=meta, tensors=tensors)
+
+
+def restore_trained(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    meta: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Copy the saved trainable tensors into a model that already has the right structure and sizes.
+
+    Parameters listed as trainable in the file become trainable, every other one is frozen.
+    """
+    meta = meta if meta is not None else read_metadata(path)
+    tensors = tensors if tensors is not None else load_tensors(path)
     expected = set(json.loads(meta["trainable"]))
     params = dict(model.named_parameters())
+    if expected - set(tensors):
+        raise CheckpointError(
+            f"{path}: truncated checkpoint, tensors {sorted(expected - set(tensors))[:3]} are missing"
+        )
     missing = expected - set(params)
     if missing:
         raise CheckpointError(
             f"{path}: tensors {sorted(missing)[:3]} have no place in this model (other architecture?)"
         )
     with torch.no_grad():
-        for name, t in tensors.items():
-            p = params[name]
+        for name in sorted(expected):
+            p, t = params[name], tensors[name]
             if p.shape != t.shape:
                 raise CheckpointError(
                     f"{path}: {name} has shape {tuple(t.shape)} but the model expects {tuple(p.shape)}; "

@@ -1,0 +1,167 @@
+"""Backbones: any timm model by name, with weights from timm's usual sources, a local file, or an importer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+from timm.data import resolve_data_config
+from torch import nn
+
+from .errors import BackboneError
+
+log = logging.getLogger(__name__)
+
+# Named offline weight sources: name -> (timm model they fit, function returning the weight file path).
+IMPORTERS: dict[str, tuple[str, str]] = {
+    "imgfocus": ("vit_small_patch14_dinov2", "mimi.importers.imgfocus:import_imgfocus"),
+}
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def _kwargs(img_size: int | None, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kw = dict(model_kwargs or {})
+    if img_size is not None:
+        kw["img_size"] = img_size
+    return kw
+
+
+def _create(name: str, **kw: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kw)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise BackboneError(f"unknown timm model {name!r}; list them with `timm.list_models('vit*')`") from e
+        raise
+
+
+def _from_importer(source: str, name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    import importlib
+
+    model_name, target = IMPORTERS[source]
+    if name != model_name:
+        raise BackboneError(f"--weights {source} holds weights for {model_name}, not {name}; pass --model {model_name}")
+    module, func = target.split(":")
+    path = getattr(importlib.import_module(module), func)()
+    model = _create(name, pretrained=False, num_classes=num_classes, **kw)
+    from .importers.imgfocus import load_into
+
+    load_into(model, path)
+    return model
+
+
+def _from_file(path: Path, name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    if not path.is_file():
+        raise BackboneError(f"--weights {path}: no such file")
+    if path.suffix not in _FILE_SUFFIXES:
+        raise BackboneError(f"--weights {path}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}")
+    # timm's own pretrained path: resamples position embeddings, drops a mismatched head,
+    # reads .pth/.bin with torch.load(weights_only=True) and .npz with the model's own loader.
+    overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+    try:
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kw)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise BackboneError(f"--weights {path}: does not fit {name} ({str(e).splitlines()[0][:200]})") from e
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (a closed network otherwise costs a minute of retries)."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_cache_only(enabled: bool) -> Iterator[None]:
+    """Make huggingface_hub read its local cache only (as HF_HUB_OFFLINE=1 does), for this call alone."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _from_hub(name: str, num_classes: int, kw: dict[str, Any], *, strict: bool) -> tuple[nn.Module, str]:
+    try:
+        with _hub_cache_only(not hub_reachable()):
+            return _create(name, pretrained=True, num_classes=num_classes, **kw), "hub"
+    except BackboneError:
+        raise
+    except Exception as e:  # network / cache errors come in many types (OSError, HF errors, RuntimeError)
+        if strict:
+            raise BackboneError(
+                f"cannot load pretrained weights of {name} from the hub or its cache ({type(e).__name__}); "
+                "pass --weights PATH (or --weights imgfocus for the offline ViT-S/14)"
+            ) from e
+        log.warning("no pretrained weights for %s reachable (%s): using RANDOM initialisation", name, type(e).__name__)
+        return _create(name, pretrained=False, num_classes=num_classes, **kw), "random-init (hub unreachable)"
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | None = "auto",
+    num_classes: int = 0,
+    img_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, str]:
+    """Build a timm model and load its weights.
+
+    Args:
+        name: any timm model name (``vit_base_patch16_224.augreg_in21k``, ``vit_small_patch14_dinov2``, ...).
+        weights: ``auto`` (hub/cache if reachable, else random init with a warning), ``hub`` (hub/cache or
+            fail), ``none`` (random init), a registered importer (``imgfocus``), or a path to a
+            ``.safetensors`` / ``.pth`` / ``.bin`` / ``.npz`` file.
+        num_classes: classes of the new head.
+        img_size: input resolution (position embeddings are resampled).
+        model_kwargs: extra keyword arguments of ``timm.create_model``.
+
+    Returns:
+        ``(model, source)`` where ``source`` says where the weights came from.
+    """
+    kw = _kwargs(img_size, model_kwargs)
+    w = (weights or "none").strip()
+    if w == "none":
+        return _create(name, pretrained=False, num_classes=num_classes, **kw), "random-init"
+    if w in IMPORTERS:
+        return _from_importer(w, name, num_classes, kw), w
+    if w in ("auto", "hub"):
+        return _from_hub(name, num_classes, kw, strict=w == "hub")
+    return _from_file(Path(w).expanduser(), name, num_classes, kw), str(Path(w).expanduser())
+
+
+def preprocessing(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The backbone's own normalisation (mean, std), as timm resolves it."""
+    cfg = resolve_data_config({}, model=model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def backbone_param_count(model: nn.Module) -> int:
+    """Parameters of the bare backbone without its classifier head (call before adding any method)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_params = sum(p.numel() for p in head.parameters()) if isinstance(head, nn.Module) else 0
+    return sum(p.numel() for p in model.parameters()) - head_params
+
+
+def model_img_size(model: nn.Module) -> int:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None:
+        return int(resolve_data_config({}, model=model)["input_size"][-1])
+    return int(size[0] if isinstance(size, tuple | list) else size)

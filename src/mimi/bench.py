@@ -1,0 +1,252 @@
+"""`mimi bench SPEC`: tasks x methods x budgets x seeds through the same engine, one JSON per run.
+
+A SPEC (YAML)::
+
+    name: minivtab
+    results: benchmarks/results/minivtab     # one JSON per run (the report reads only these)
+    runs: runs/bench/minivtab                # run folders (checkpoints, plots); resumable
+    defaults: {model: vit_small_patch14_dinov2, weights: imgfocus, img_size: 56, data_root: data/minivtab}
+    groups: {natural: [vtab1k:fashion_mnist, vtab1k:digits], ...}   # tasks, by VTAB group
+    seeds: [0]
+    methods:
+      - {label: linear, method: linear}
+      - {label: adapter, method: adapter, adapter_dim: [96, 8]}     # a list: one run per value
+      - {label: mimi, method: mimi, adapter_dim: 96, budget_dim: [8]}
+
+Runs whose JSON says ``ok`` are skipped; failures are recorded (status ``failed``) and retried next time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .cli import command
+from .config import TrainConfig, load_yaml
+from .errors import ConfigError
+from .io_utils import atomic_write_json
+
+
+@dataclass
+class BenchRun:
+    id: str
+    task: str
+    group: str
+    label: str
+    seed: int
+    grid: dict[str, Any]  # the swept values of this run (e.g. {"budget_dim": 8})
+    config: dict[str, Any]
+
+
+@dataclass
+class BenchSpec:
+    name: str
+    groups: dict[str, list[str]]
+    methods: list[dict[str, Any]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    defaults: dict[str, Any] = field(default_factory=dict)
+    results: str = "benchmarks/results"
+    runs: str = "runs/bench"
+    data_roots: dict[str, str] = field(default_factory=dict)  # dataset prefix -> data_root (e.g. cifar10: DIR)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchSpec:
+        d = load_yaml(path)
+        missing = [k for k in ("name", "groups", "methods") if k not in d]
+        if missing:
+            raise ConfigError(f"{path}: bench spec lacks {missing}")
+        if "tasks" in d:  # a flat task list is one group
+            d.setdefault("groups", {}).setdefault("all", []).extend(d.pop("tasks"))
+        unknown = set(d) - {"name", "groups", "methods", "seeds", "defaults", "results", "runs", "data_roots"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown bench spec keys {sorted(unknown)}")
+        return cls(**d)
+
+    def expand(self) -> list[BenchRun]:
+        """Every (task, method, swept values, seed) run; list-valued method fields are swept."""
+        runs = []
+        for group, tasks in self.groups.items():
+            for task in tasks:
+                for entry in self.methods:
+                    entry = dict(entry)
+                    label = entry.pop("label", entry.get("method", "?"))
+                    swept = {k: v for k, v in entry.items() if isinstance(v, list) and k not in ("method_kwargs",)}
+                    for values in itertools.product(*swept.values()) if swept else [()]:
+                        grid = dict(zip(swept, values))
+                        for seed in self.seeds:
+                            cfg = {**self.defaults, **entry, **grid, "data": task, "seed": seed}
+                            if task.split(":")[0] in self.data_roots:
+                                cfg["data_root"] = self.data_roots[task.split(":")[0]]
+                            rid = _run_id(task, label, grid, seed)
+                            cfg["out"] = str(Path(self.runs) / rid)
+                            TrainConfig.from_dict(cfg)  # validate early: a typo fails before hours of runs
+                            runs.append(BenchRun(rid, task, group, label, seed, grid, cfg))
+        return runs
+
+
+def _run_id(task: str, label: str, grid: dict[str, Any], seed: int) -> str:
+    parts = [task.split(":")[-1], label] + [f"{k.replace('_', '')}{v}" for k, v in grid.items()] + [f"s{seed}"]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "__".join(parts))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "timm", "peft", "mimi-adapters"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _result(run: BenchRun, summary: list[dict], seconds: float) -> dict[str, Any]:
+    out = Path(run.config["out"])
+    info = json.loads((out / "run.json").read_text())
+    final = summary[-1]
+    ckpt = out / "adapters.safetensors"
+    head = info["head_params"] if "head_params" in info else None
+    return {
+        "status": "ok",
+        "params": {
+            "trainable": final["trainable_params"],
+            "trainable_without_head": final["trainable_params"] - head if head is not None else None,
+            "adapter": final["adapter_params"],
+            "head": head,
+            "pct_of_backbone": final["pct_of_backbone"],
+        },
+        "checkpoint_bytes": ckpt.stat().st_size if ckpt.is_file() else None,
+        "val_acc": final["val_acc"],
+        "test_acc": final["test_acc"],
+        "cycles": summary,
+        "layout": info.get("layout", []),
+        "backbone": {k: info.get(k) for k in ("model", "weights_source", "img_size", "backbone_params", "device")},
+        "data": {k: info.get(k) for k in ("data", "n_train", "n_val", "n_test", "num_classes")},
+        "wall_seconds": seconds,
+    }
+
+
+def run_one(run: BenchRun, results: Path, *, log=print) -> dict[str, Any]:
+    """Train one run (resuming its folder if a previous attempt was cut) and write its JSON."""
+    from . import trainer
+
+    record: dict[str, Any] = {
+        "id": run.id,
+        "task": run.task,
+        "group": run.group,
+        "method": run.config.get("method"),
+        "label": run.label,
+        "grid": run.grid,
+        "seed": run.seed,
+        "config": run.config,
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    t0 = time.perf_counter()
+    out = Path(run.config["out"])
+    try:
+        if (out / "checkpoint.safetensors").is_file():
+            summary = trainer.resume(out, log=log)
+        else:
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)  # an attempt that died before its first checkpoint
+            summary = trainer.train(TrainConfig.from_dict(run.config), log=log)
+        record.update(_result(run, summary, time.perf_counter() - t0))
+    except Exception as e:  # a failed run is recorded as such, never dropped; the sweep goes on
+        record.update(
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc()[-4000:],
+            wall_seconds=time.perf_counter() - t0,
+        )
+    atomic_write_json(results / f"{run.id}.json", record)
+    return record
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"--shard must be i/n with 0 <= i < n, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", type=Path, help="bench spec (YAML)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th run from the I-th")
+    p.add_argument("--only", default=None, help="regex: only runs whose id matches")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="render the report at the end")
+
+
+@command("bench", "run a benchmark grid (tasks x methods x budgets x seeds); skips runs already done", _setup)
+def cmd_bench(args: argparse.Namespace) -> int:
+    spec = BenchSpec.load(args.spec)
+    runs = spec.expand()
+    i, n = args.shard
+    runs = [r for k, r in enumerate(runs) if k % n == i and (not args.only or re.search(args.only, r.id))]
+    results = Path(spec.results)
+    results.mkdir(parents=True, exist_ok=True)
+    done = {r.id for r in runs if _status(results / f"{r.id}.json") == "ok"}
+    print(f"{spec.name}: {len(runs)} runs in shard {i}/{n}, {len(done)} already done")
+    failed = 0
+    for k, run in enumerate(runs):
+        if run.id in done:
+            continue
+        if args.dry_run:
+            print(f"  todo {run.id}")
+            continue
+        print(f"[{k + 1}/{len(runs)}] {run.id}")
+        rec = run_one(run, results, log=(lambda s: None) if args.quiet else print)
+        failed += rec["status"] != "ok"
+        acc = f"test {100 * rec['test_acc']:.2f}%" if rec["status"] == "ok" else rec["error"]
+        print(f"    {rec['status']}: {acc} ({rec['wall_seconds']:.0f}s)")
+    if args.report and not args.dry_run:
+        from .bench_report import write_report
+
+        write_report(results)
+    return 1 if failed else 0
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _report_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", type=Path, help="folder of run JSONs written by `mimi bench`")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS/report)")
+
+
+@command("report", "render tables (Markdown, HTML) and plots from a folder of bench JSONs", _report_setup)
+def cmd_report(args: argparse.Namespace) -> int:
+    from .bench_report import write_report
+
+    path = write_report(args.results, out=args.out)
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,124 @@
+"""Typed run configuration. The CLI is generated from these fields; YAML only saves and loads them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs: backbone, data, method, budget, optimisation, output."""
+
+    # backbone
+    model: str = _f("vit_small_patch14_dinov2", "any timm model name")
+    weights: str = _f("auto", "auto | hub | none | imgfocus | path to .safetensors/.pth/.bin/.npz")
+    img_size: int | None = _f(None, "input resolution (position embeddings are resampled)")
+    model_kwargs: dict = _f({}, "extra timm.create_model keyword arguments, as JSON")
+    # data
+    data: str = _f("", "dataset spec: vtab1k:TASK, domainnet:DOMAIN, cifar10, cifar100, svhn, flowers102, folder:PATH")
+    data_root: str | None = _f(None, "folder holding the dataset files")
+    trainval: bool = _f(False, "train on train+val (VTAB-1k train800val200); val is then no longer held out")
+    val_fraction: float = _f(0.1, "fraction of train carved out as validation where a source has no val split")
+    # method
+    method: str = _f("mimi", "training method (see `mimi methods`)")
+    adapter_dim: int | None = _f(None, "hidden size of the adapters at insertion (default: width / reduction)")
+    reduction: float | None = _f(None, "adapter hidden size = width / reduction (default 4 when no --adapter-dim)")
+    placement: str = _f("sequential", "adapter placement: sequential (after each branch) or parallel")
+    method_kwargs: dict = _f({}, 'method-specific options as JSON, e.g. {"rank": 4} for lora')
+    # MiMi schedule
+    budget_params: int | None = _f(None, "adapter parameter budget of the last cycle (head excluded)")
+    budget_dim: int | None = _f(None, "budget = adapter parameters of uniform adapters of this hidden size")
+    rho: float = _f(0.5, "fraction of adapter parameters removed per cycle (1.0 = one-shot)")
+    score: str = _f("mimi", "neuron score: mimi, mimi-weighted, magnitude, global-l1, random, gradient")
+    max_cycles: int = _f(20, "safety cap on pruning cycles")
+    # optimisation
+    epochs: int = _f(10, "epochs per cycle")
+    first_epochs: int | None = _f(None, "epochs of cycle 0 (the large adapters); default: --epochs")
+    batch_size: int = _f(64, "training batch size")
+    eval_batch_size: int = _f(256, "evaluation batch size")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases and norms)")
+    warmup: float = _f(0.1, "fraction of each cycle's steps spent in linear warmup")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    grad_clip: float | None = _f(None, "clip the gradient norm to this value")
+    # system
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    seed: int = _f(0, "seed of initialisation, data order and random scores")
+    out: str = _f("runs/run", "output folder of the run")
+    save_cycles: bool = _f(True, "keep the adapters of every cycle")
+    progress: bool = _f(True, "show progress bars")
+    tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.first_epochs is None or self.first_epochs >= 0, "first_epochs must be >= 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0.0 <= self.warmup < 1.0, "warmup must be in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0"),
+            (0.0 < self.rho <= 1.0, "rho must be in (0, 1]"),
+            (self.budget_params is None or self.budget_params >= 0, "budget_params must be >= 0"),
+            (self.budget_dim is None or self.budget_dim >= 0, "budget_dim must be >= 0"),
+            (
+                not (self.budget_params is not None and self.budget_dim is not None),
+                "give budget_params or budget_dim, not both",
+            ),
+            (0.0 < self.val_fraction < 1.0, "val_fraction must be in (0, 1)"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.img_size is None or self.img_size >= 1, "img_size must be >= 1"),
+            (self.max_cycles >= 1, "max_cycles must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"config: {msg}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}; see `mimi train --help`")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(load_yaml(path))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return d

@@ -1,0 +1,142 @@
+"""The plain training and evaluation loop: AdamW, warmup + cosine, autocast, one function per job."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, none (fp32) on CPU unless asked."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and other 1-d tensors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over ``warmup_frac`` of the steps, then cosine to zero."""
+    warmup = max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A single-process loader; the shuffle order depends only on ``seed`` (resumable, reproducible)."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0, drop_last=False)
+
+
+@dataclass
+class StepContext:
+    """What one epoch of training needs besides the model and the data."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    after_backward: Callable[[int], None] | None = None  # called with the global step
+
+
+def train_epoch(
+    model: nn.Module, data: DataLoader, ctx: StepContext, *, progress: bool = False, desc: str = ""
+) -> dict:
+    """One pass over ``data``; returns mean loss and accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)  # (B, 3, H, W), (B,)
+        with autocast(ctx.device, ctx.amp_dtype):
+            logits = model(x)  # (B, C)
+            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if ctx.after_backward is not None:
+            ctx.after_backward(ctx.scheduler.last_epoch)
+        if ctx.grad_clip is not None:
+            params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        n = y.numel()
+        total_loss += loss.item() * n
+        correct += (logits.argmax(-1) == y).sum().item()
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int = 256,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """Top-1 accuracy, mean loss and per-class accuracy of ``model`` on ``dataset``."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    total_loss, seen = 0.0, 0
+    data = loader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, amp_dtype):
+            logits = model(x).float()  # (B, C)
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(-1)
+        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
+        seen += y.numel()
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp_min(1)).tolist()
+    return {
+        "acc": confusion.diag().sum().item() / max(1, seen),
+        "loss": total_loss / max(1, seen),
+        "per_class_acc": per_class,
+        "n": seen,
+    }

@@ -1,0 +1,135 @@
+"""Tables and plots of one run, made from its summary alone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io_utils import atomic_write, atomic_write_text  # noqa: E402
+
+
+def human(n: float) -> str:
+    """12_345 -> '12.3k'."""
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.{1 if abs(n) < 100 * div else 0}f}{unit}"
+    return f"{n:.0f}"
+
+
+def sizes_text(sizes: dict[str, int], layout: list[dict], limit: int = 60) -> str:
+    """Hidden sizes in model order, '-' for removed adapters: e.g. '12 7 - 3 ...'."""
+    text = " ".join(str(sizes.get(a["name"], "-")) for a in layout) if layout else " ".join(map(str, sizes.values()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cycle_table(summary: list[dict], layout: list[dict] | None = None) -> str:
+    """Markdown table: one row per cycle."""
+    rows = [
+        "| cycle | adapter params | trainable params | % of backbone | val acc | test acc | adapters alive | hidden sizes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for e in summary:
+        alive = f"{len(e['sizes'])}/{len(layout)}" if layout else str(len(e["sizes"]))
+        rows.append(
+            f"| {e['cycle']} | {e['adapter_params']:,} | {e['trainable_params']:,} | {e['pct_of_backbone']:.3f} | "
+            f"{100 * e['val_acc']:.2f} | {100 * e['test_acc']:.2f} | {alive} | {sizes_text(e['sizes'], layout or [])} |"
+        )
+    return "\n".join(rows)
+
+
+def _block_grid(summary: list[dict], layout: list[dict]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Hidden size per (adapter slot, cycle); slots ordered as in the model, labelled 'block/role'."""
+    labels = []
+    for a in layout:
+        m = re.search(r"(?:^|\.)(?:blocks|layers)\.(\d+)(?:\.blocks\.(\d+))?", a["name"])
+        block = ".".join(g for g in (m.groups() if m else ()) if g is not None) or a["name"]
+        labels.append(f"{block}/{a['role']}")
+    grid = np.array([[e["sizes"].get(a["name"], 0) for e in summary] for a in layout], dtype=float)
+    return grid, labels, [str(e["cycle"]) for e in summary]
+
+
+def plot_accuracy_vs_params(summary: list[dict], path: Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    x = [e["trainable_params"] for e in summary]
+    for key, label, style in (("val_acc", "validation", "o--"), ("test_acc", "test", "s-")):
+        ax.plot(x, [100 * e[key] for e in summary], style, label=label)
+    for e in summary:
+        ax.annotate(
+            f"c{e['cycle']}",
+            (e["trainable_params"], 100 * e["test_acc"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (adapters + head), log scale")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy over the MiMi cycles")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_sizes_heatmap(summary: list[dict], layout: list[dict], path: Path, title: str = "") -> Path:
+    grid, rows, cols = _block_grid(summary, layout)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.2 + 0.22 * len(rows)), dpi=120)
+    im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows, fontsize=6)
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("block / branch")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(
+                j,
+                i,
+                "x" if grid[i, j] == 0 else f"{int(grid[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="red" if grid[i, j] == 0 else "white",
+            )
+    fig.colorbar(im, ax=ax, label="hidden size (x: removed)")
+    ax.set_title(title or "adapter hidden sizes per cycle")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Path:
+    """plots/accuracy_vs_params.png, plots/sizes_heatmap.png and report.md for one run."""
+    out = Path(out)
+    layout = info.get("layout", [])
+    title = f"{info.get('data', '')} · {info.get('model', '')}"
+    plot_accuracy_vs_params(summary, out / "plots" / "accuracy_vs_params.png", title)
+    if layout:
+        plot_sizes_heatmap(summary, layout, out / "plots" / "sizes_heatmap.png", title)
+    final = summary[-1]
+    lines = [
+        f"# {title}",
+        "",
+        f"Backbone `{info.get('model')}` (weights: {info.get('weights_source')}, {human(info.get('backbone_params', 0))} "
+        f"parameters) at {info.get('img_size')} px; {info.get('n_train')} train / {info.get('n_val')} val / "
+        f"{info.get('n_test')} test images, {info.get('num_classes')} classes.",
+        "",
+        f"Final: **{100 * final['test_acc']:.2f}% test** (selected on validation: {100 * final['val_acc']:.2f}%) with "
+        f"{final['trainable_params']:,} trained parameters ({final['pct_of_backbone']:.3f}% of the backbone).",
+        "",
+        cycle_table(summary, layout),
+        "",
+        "![accuracy vs parameters](plots/accuracy_vs_params.png)",
+    ]
+    if layout:
+        lines += ["", "![hidden sizes](plots/sizes_heatmap.png)"]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,470 @@
+"""A training run: backbone + method + data, the MiMi cycles, honest evaluation, resumable checkpoints.
+
+Run folder::
+
+    config.yaml          the resolved configuration
+    run.json             backbone, data and adapter layout facts
+    metrics.jsonl        one line per epoch
+    summary.json         one entry per cycle (params, sizes, val/test accuracy, seconds)
+    cycles/cycle_K.safetensors, adapters.safetensors (final)
+    checkpoint.safetensors   last epoch: trained tensors + optimizer state (resume)
+    plots/*.png, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .adapters import adapter_param_count, adapter_roles, adapters, count_trainable
+from .backbones import backbone_param_count, create_backbone, model_img_size, preprocessing
+from .config import TrainConfig
+from .data import TaskData, build_task
+from .engine import (
+    StepContext,
+    autocast_dtype,
+    evaluate,
+    loader,
+    make_optimizer,
+    resolve_device,
+    train_epoch,
+    warmup_cosine,
+)
+from .errors import CheckpointError, ConfigError
+from .io_utils import atomic_write_json, atomic_write_text
+from .methods import Method, get_method
+from .schedule import MiMiPruner
+from .scores import GradientAccumulator
+from .shrink import apply_plan
+
+
+@dataclass
+class Run:
+    """Everything built for one run: the live objects the loop works on."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    task: TaskData
+    method: Method
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    backbone_params: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def steps_per_epoch(cfg: TrainConfig, task: TaskData) -> int:
+    return math.ceil(len(task.train) / cfg.batch_size)
+
+
+def cycle_epochs(cfg: TrainConfig, cycle: int) -> int:
+    return cfg.first_epochs if cycle == 0 and cfg.first_epochs is not None else cfg.epochs
+
+
+def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
+    """Create the backbone, load the task with the backbone's preprocessing, and apply the method."""
+    if not cfg.data:
+        raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
+    torch.manual_seed(cfg.seed)
+    model, source = create_backbone(
+        cfg.model, weights=cfg.weights, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs
+    )
+    img_size = model_img_size(model)
+    mean, std = preprocessing(model)
+    task = build_task(
+        cfg.data,
+        root=cfg.data_root,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        trainval=cfg.trainval,
+        progress=cfg.progress,
+    )
+    backbone_params = backbone_param_count(model)
+    torch.manual_seed(cfg.seed)  # the head and the adapters start the same whatever the data loading did
+    model.reset_classifier(task.num_classes)
+    method = get_method(cfg.method)
+    total_steps = cycle_epochs(cfg, 0) * steps_per_epoch(cfg, task)
+    model = method.prepare(model, cfg, total_steps=max(1, total_steps))
+    layout = [{"name": n, "role": r} for n, r in adapter_roles(model).items()]
+    head = model.get_classifier()
+    head_params = sum(p.numel() for p in head.parameters()) if isinstance(head, nn.Module) else 0
+    if sizes is not None:
+        apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
+    device = resolve_device(cfg.device)
+    model.to(device)
+    info = {
+        "model": cfg.model,
+        "weights_source": source,
+        "img_size": img_size,
+        "mean": mean,
+        "std": std,
+        "backbone_params": backbone_params,
+        "num_classes": task.num_classes,
+        "data": task.name,
+        "n_train": len(task.train),
+        "n_val": len(task.val),
+        "n_test": len(task.test),
+        "layout": layout,
+        "device": str(device),
+    }
+    return Run(cfg, model, task, method, device, autocast_dtype(device, cfg.precision), backbone_params, info)
+
+
+def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
+    """The adapter parameter budget: given directly, or as uniform adapters of ``budget_dim``."""
+    if cfg.budget_dim is not None:
+        return sum(a.num_params(min(cfg.budget_dim, a.hidden_dim)) for _, a in adapters(model))
+    return cfg.budget_params
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {f"__optim__.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, {
+        "param_groups": state["param_groups"],
+        "keys": {str(i): list(s) for i, s in state["state"].items()},
+    }
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {int(i): {k: tensors[f"__optim__.{i}.{k}"] for k in keys} for i, keys in meta["keys"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run: Run, opt, step: int, position: dict, pruner: MiMiPruner | None, acc: GradientAccumulator | None
+):
+    tensors, opt_meta = _optimizer_tensors(opt)
+    if acc is not None:
+        for name, (gd, gu) in acc.grads.items():
+            tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"] = gd, gu
+    meta = {
+        "position": json.dumps(position),
+        "optimizer": json.dumps(opt_meta),
+        "step": str(step),
+        "pruner": json.dumps(pruner.state_dict() if pruner else None),
+        "gradacc_steps": str(acc.steps if acc else 0),
+    }
+    ckpt.save_adapters(run.model, run.out / "checkpoint.safetensors", metadata=meta, extra_tensors=tensors)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Trainer:
+    """Runs the cycles of one training run; owns the run folder."""
+
+    def __init__(self, run: Run, *, log=print) -> None:
+        self.run, self.cfg, self.log = run, run.cfg, log
+        self.budget = resolve_budget(self.cfg, run.model)
+        self.pruner: MiMiPruner | None = None
+        if run.method.prunes:
+            if self.budget is None:
+                raise ConfigError(f"method {self.cfg.method} needs a budget: pass --budget-params N or --budget-dim H")
+            rho = 1.0 if self.cfg.method == "mimi-oneshot" else self.cfg.rho
+            self.pruner = MiMiPruner(budget=self.budget, rho=rho, method=self.cfg.score, seed=self.cfg.seed)
+        self.acc = GradientAccumulator(run.model) if self.cfg.score == "gradient" and self.pruner else None
+        self.summary: list[dict] = []
+        self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
+        self.writer = _tensorboard(run.out) if self.cfg.tensorboard else None
+
+    # -- optimiser per cycle: rebuilt after every physical prune (new Parameters)
+    def _optimizer(self, cycle: int, step: int = 0, state: dict | None = None):
+        opt = make_optimizer(self.run.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if state is not None:
+            opt.load_state_dict(state)
+        total = max(1, cycle_epochs(self.cfg, cycle) * steps_per_epoch(self.cfg, self.run.task))
+        factor = warmup_cosine(total, self.cfg.warmup)
+        if step > 0:
+            # last_epoch=step-1 then the constructor's own step() lands on `step`, as in an unbroken run.
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor, last_epoch=step - 1)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return opt, sched
+
+    def _context(self, opt, sched) -> StepContext:
+        def after_backward(step: int) -> None:
+            self.run.method.after_backward(self.run.model, step)
+            if self.acc is not None:
+                self.acc.update()
+
+        return StepContext(
+            optimizer=opt,
+            scheduler=sched,
+            device=self.run.device,
+            amp_dtype=self.run.amp_dtype,
+            label_smoothing=self.cfg.label_smoothing,
+            grad_clip=self.cfg.grad_clip,
+            after_backward=after_backward,
+        )
+
+    def _eval(self, split: str) -> dict:
+        ds = getattr(self.run.task, split)
+        return evaluate(
+            self.run.model,
+            ds,
+            num_classes=self.run.task.num_classes,
+            device=self.run.device,
+            batch_size=self.cfg.eval_batch_size,
+            amp_dtype=self.run.amp_dtype,
+            progress=self.cfg.progress,
+            desc=split,
+        )
+
+    def _params(self) -> dict:
+        trainable = count_trainable(self.run.model)
+        return {
+            "adapter_params": adapter_param_count(self.run.model),
+            "trainable_params": trainable,
+            "pct_of_backbone": 100.0 * trainable / max(1, self.run.backbone_params),
+        }
+
+    def _log_epoch(self, cycle: int, epoch: int, n_epochs: int, stats: dict) -> None:
+        line = {"cycle": cycle, "epoch": epoch, **stats}
+        with open(self.run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for k in ("train_loss", "train_acc", "val_acc", "val_loss", "lr"):
+                self.writer.add_scalar(k, stats[k], stats["global_epoch"])
+        self.log(
+            f"cycle {cycle} epoch {epoch}/{n_epochs} | loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} "
+            f"| val {stats['val_acc']:.3f} | adapter params {stats['adapter_params']:,} | {stats['seconds']:.1f}s"
+        )
+
+    def _train_cycle(self, cycle: int, start_epoch: int, opt, sched, t0: float) -> None:
+        n_epochs = cycle_epochs(self.cfg, cycle)
+        ctx = self._context(opt, sched)
+        for epoch in range(start_epoch, n_epochs):
+            # Every source of randomness is a function of (seed, cycle, epoch): a resumed run is the same run.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + cycle * 10_007 + epoch)
+            data = loader(
+                self.run.task.train,
+                batch_size=self.cfg.batch_size,
+                shuffle=True,
+                seed=self.cfg.seed * 100_003 + cycle * 1009 + epoch,
+            )
+            te = time.perf_counter()
+            stats = train_epoch(self.run.model, data, ctx, progress=self.cfg.progress, desc=f"c{cycle} e{epoch + 1}")
+            val = self._eval("val")
+            stats.update(
+                val_acc=val["acc"],
+                val_loss=val["loss"],
+                lr=opt.param_groups[0]["lr"],
+                seconds=time.perf_counter() - te,
+                step=sched.last_epoch,
+                global_epoch=sum(e["epochs"] for e in self.summary) + epoch + 1,
+                **self._params(),
+            )
+            self._log_epoch(cycle, epoch + 1, n_epochs, stats)
+            self.position = {
+                "cycle": cycle,
+                "epoch": epoch + 1,
+                "cycle_done": False,
+                "elapsed": time.perf_counter() - t0,
+            }
+            save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc)
+
+    def _finish_cycle(self, cycle: int, opt, sched, t0: float) -> None:
+        val, test = self._eval("val"), self._eval("test")
+        entry = {
+            "cycle": cycle,
+            **self._params(),
+            "sizes": {n: a.hidden_dim for n, a in adapters(self.run.model)},
+            "val_acc": val["acc"],
+            "test_acc": test["acc"],
+            "val_loss": val["loss"],
+            "test_loss": test["loss"],
+            "epochs": cycle_epochs(self.cfg, cycle),
+            "target": self.pruner.history[-1]["target"] if self.pruner and self.pruner.history else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        entry.update(self.run.method.extra_info(self.run.model))
+        self.summary.append(entry)
+        out = self.run.out
+        if self.cfg.save_cycles:
+            ckpt.save_adapters(self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors")
+        atomic_write_json(out / "summary.json", self.summary)
+        self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
+        save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc)
+        self.log(
+            f"== cycle {cycle}: adapter params {entry['adapter_params']:,} | trainable {entry['trainable_params']:,} "
+            f"({entry['pct_of_backbone']:.3f}% of backbone) | val {entry['val_acc']:.4f} | test {entry['test_acc']:.4f}"
+        )
+        _plots(out, self.summary, self.run.info)
+
+    def fit(self, *, resume_state: dict | None = None) -> list[dict]:
+        """Train cycle 0, then prune -> retrain until the budget is met (MiMi), or train once (other methods)."""
+        cycle, start_epoch, opt_state, step, elapsed = 0, 0, None, 0, 0.0
+        if resume_state is not None:
+            cycle, start_epoch = resume_state["position"]["cycle"], resume_state["position"]["epoch"]
+            opt_state, step, elapsed = (
+                resume_state["optimizer"],
+                resume_state["step"],
+                resume_state["position"]["elapsed"],
+            )
+            if resume_state["position"]["cycle_done"]:
+                cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
+        while True:
+            if cycle > 0 and start_epoch == 0 and opt_state is None:
+                if self.pruner is None or self.pruner.done(self.run.model) or cycle > self.cfg.max_cycles:
+                    break
+                sizes = self.pruner.step(self.run.model, accumulator=self.acc)
+                if self.acc is not None:
+                    self.acc.reset()
+                self.log(
+                    f"== prune {cycle}: target {self.pruner.history[-1]['target']:,} -> "
+                    f"{adapter_param_count(self.run.model):,} adapter params in {len(sizes)} adapters"
+                )
+            t0 = time.perf_counter() - elapsed
+            opt, sched = self._optimizer(cycle, step, opt_state)
+            if start_epoch == 0 and opt_state is None:
+                self.position = {"cycle": cycle, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
+                save_checkpoint(self.run, opt, 0, self.position, self.pruner, self.acc)
+            self._train_cycle(cycle, start_epoch, opt, sched, t0)
+            self._finish_cycle(cycle, opt, sched, t0)
+            cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
+            if self.pruner is None:
+                break
+        ckpt.save_adapters(self.run.model, self.run.out / "adapters.safetensors")
+        if self.writer is not None:
+            self.writer.close()
+        return self.summary
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _plots(out: Path, summary: list[dict], info: dict) -> None:
+    from .report import write_run_report
+
+    write_run_report(out, summary, info)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def train(cfg: TrainConfig, *, log=print) -> list[dict]:
+    """Start a new run in ``cfg.out`` (which must not hold a run already)."""
+    out = Path(cfg.out)
+    if (out / "config.yaml").exists():
+        raise ConfigError(
+            f"{out} already holds a run; continue it with `mimi train --resume {out}` or pick another --out"
+        )
+    run = build_run(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    trainer = Trainer(run, log=log)
+    atomic_write_json(out / "run.json", {**run.info, "budget": trainer.budget})
+    (out / "metrics.jsonl").write_text("")
+    log(
+        f"{cfg.method} on {run.task.name}: {run.info['n_train']} train / {run.info['n_val']} val / "
+        f"{run.info['n_test']} test, {run.task.num_classes} classes | {cfg.model} ({run.info['weights_source']}) "
+        f"at {run.info['img_size']}px on {run.device} | trainable {count_trainable(run.model):,}"
+        + (
+            f" | budget {trainer.budget:,}: targets {trainer.pruner.planned_targets(adapter_param_count(run.model))}"
+            if trainer.pruner
+            else ""
+        )
+    )
+    return trainer.fit()
+
+
+def resume(run_dir: str | Path, *, log=print) -> list[dict]:
+    """Continue an interrupted run from its last checkpoint; the result equals an unbroken run."""
+    out = Path(run_dir)
+    path = out / "checkpoint.safetensors"
+    if not (out / "config.yaml").is_file() or not path.is_file():
+        raise CheckpointError(f"{out}: no resumable run here (config.yaml and checkpoint.safetensors are needed)")
+    cfg = TrainConfig.load(out / "config.yaml")
+    meta = ckpt.read_metadata(path)
+    tensors = ckpt.load_tensors(path)
+    run = build_run(cfg, sizes=json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None)
+    ckpt.restore_trained(run.model, path, meta=meta, tensors=tensors)
+    trainer = Trainer(run, log=log)
+    pruner_state = json.loads(meta["pruner"])
+    if pruner_state is not None:
+        trainer.pruner = MiMiPruner.from_state_dict(pruner_state)
+    if trainer.acc is not None:
+        for name, _ in adapters(run.model):
+            if f"__gradacc__.{name}.down" in tensors:
+                trainer.acc.grads[name] = (tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"])
+        trainer.acc.steps = int(meta["gradacc_steps"])
+    position = json.loads(meta["position"])
+    summary_path = out / "summary.json"
+    done_cycles = position["cycle"] + (1 if position["cycle_done"] else 0)
+    trainer.summary = [e for e in _read_json(summary_path, []) if e["cycle"] < done_cycles]
+    _truncate_metrics(out / "metrics.jsonl", position)
+    opt_state = _optimizer_state({k: v.to(run.device) for k, v in tensors.items()}, json.loads(meta["optimizer"]))
+    log(
+        f"resuming {out} at cycle {position['cycle']} epoch {position['epoch']}"
+        + (" (cycle complete)" if position["cycle_done"] else "")
+    )
+    return trainer.fit(resume_state={"position": position, "optimizer": opt_state, "step": int(meta["step"])})
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _truncate_metrics(path: Path, position: dict) -> None:
+    """Drop epoch lines written after the checkpoint (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if (rec["cycle"], rec["epoch"]) <= (position["cycle"], position["epoch"]):
+            keep.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors") -> Run:
+    """Rebuild a finished (or interrupted) run's model from its folder, for evaluation."""
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise CheckpointError(f"{out}: not a run folder (no config.yaml)")
+    path = out / weights if not Path(weights).is_absolute() else Path(weights)
+    cfg = TrainConfig.load(out / "config.yaml")
+    cfg.progress = False
+    meta = ckpt.read_metadata(path)
+    run = build_run(cfg, sizes=json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None)
+    ckpt.restore_trained(run.model, path, meta=meta)
+    return run
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", weights: str = "adapters.safetensors") -> dict:
+    """Accuracy of a run's saved adapters on one split (``val`` or ``test``)."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test, got {split!r}")
+    run = load_run(run_dir, weights=weights)
+    res = evaluate(
+        run.model,
+        getattr(run.task, split),
+        num_classes=run.task.num_classes,
+        device=run.device,
+        batch_size=run.cfg.eval_batch_size,
+        amp_dtype=run.amp_dtype,
+    )
+    return {"run": str(run_dir), "split": split, "weights": weights, **res}
