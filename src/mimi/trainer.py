@@ -113,6 +113,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
         "mean": mean,
         "std": std,
         "backbone_params": backbone_params,
+        "head_params": head_params,
         "num_classes": task.num_classes,
         "data": task.name,
         "n_train": len(task.train),
