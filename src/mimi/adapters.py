@@ -308,6 +308,19 @@ def adapter_param_count(model: nn.Module) -> int:
     return sum(a.num_params() for _, a in adapters(model))
 
 
+def uniform_adapter_params(model: nn.Module, hidden_dim: int, *, targets: tuple[str, ...] = ("attn", "mlp")) -> int:
+    """Parameters of sequential adapters (with biases) of one hidden size on every block of ``model``.
+
+    The common currency of budgets: ``--budget-dim 8`` means "as many parameters as r=8 adapters everywhere".
+    """
+    total = 0
+    for _, block in find_blocks(model):
+        for role in targets:
+            d = _branch_dims(block, role)[1]
+            total += hidden_dim * (2 * d + 1) + d if hidden_dim > 0 else 0
+    return total
+
+
 def count_trainable(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (adapters + head + anything else left trainable)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

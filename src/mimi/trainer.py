@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .adapters import adapter_param_count, adapter_roles, adapters, count_trainable
+from .adapters import adapter_param_count, adapter_roles, adapters, count_trainable, uniform_adapter_params
 from .backbones import backbone_param_count, create_backbone, model_img_size, preprocessing
 from .config import TrainConfig
 from .data import TaskData, build_task
@@ -101,7 +101,8 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
     model = method.prepare(model, cfg, total_steps=max(1, total_steps))
     layout = [{"name": n, "role": r} for n, r in adapter_roles(model).items()]
     head = model.get_classifier()
-    head_params = sum(p.numel() for p in head.parameters()) if isinstance(head, nn.Module) else 0
+    # trainable head parameters only: PEFT keeps a frozen copy of the head beside the trained one
+    head_params = sum(p.numel() for p in head.parameters() if p.requires_grad) if isinstance(head, nn.Module) else 0
     if sizes is not None:
         apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
     device = resolve_device(cfg.device)
@@ -128,7 +129,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
 def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
     """The adapter parameter budget: given directly, or as uniform adapters of ``budget_dim``."""
     if cfg.budget_dim is not None:
-        return sum(a.num_params(min(cfg.budget_dim, a.hidden_dim)) for _, a in adapters(model))
+        return uniform_adapter_params(model, cfg.budget_dim)
     return cfg.budget_params
 
 

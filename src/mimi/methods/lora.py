@@ -1,0 +1,231 @@
+"""LoRA, our own implementation: a low-rank update wrapped around chosen ``nn.Linear`` layers of every block.
+
+``LoRALinear(base)(x) = base(x) + (alpha / rank) * B(A(dropout(x)))`` with ``B`` zero-initialised, so the adapted
+model starts exactly as the backbone. The update is mergeable: :func:`merge_lora` folds every ``B @ A`` into the
+frozen weight and removes the wrappers (zero inference overhead).
+
+Also home of the rank <-> parameter-count helpers shared with the PEFT peers (:func:`lora_rank_for_budget`), so that
+LoRA-style peers can be matched to a MiMi parameter budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..adapters import find_blocks, freeze_backbone, uniform_adapter_params
+from ..errors import ConfigError, ModelError
+from .base import Method, method_kwargs, register
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+DEFAULT_RANK = 8
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) * B A``.
+
+    Args:
+        base: the linear layer to adapt (kept as ``self.base``, not copied).
+        rank: inner dimension ``r`` of the update.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank`` (default: ``rank``, i.e. 1).
+        dropout: dropout on the input of the low-rank branch.
+        generator: RNG of ``A``'s initialisation (None: torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        ref = base.weight
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=ref.device, dtype=ref.dtype)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=ref.device, dtype=ref.dtype)
+        self.drop = nn.Dropout(dropout)
+        with torch.no_grad():
+            # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix is U(-1/sqrt(in), 1/sqrt(in)), as in loralib / PEFT.
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=5**0.5, generator=generator)
+            nn.init.zeros_(self.lora_b.weight)  # B = 0: the update starts at zero, the output is the backbone's
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * self.lora_b(self.lora_a(self.drop(x)))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``(alpha / rank) * B @ A`` of shape ``(out, in)``."""
+        return self.scaling * self.lora_b.weight @ self.lora_a.weight
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` equal to this module in eval mode (the base is left untouched)."""
+        out = copy.deepcopy(self.base)
+        out.weight += self.delta_weight().to(out.weight.dtype)
+        return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` of ``model`` by its merged ``nn.Linear`` (in place; returns ``model``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())
+    return model
+
+
+def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[tuple[str, nn.Linear]]:
+    """The linear layers LoRA adapts: ``<block>.<target>`` for every block found by ``find_blocks``.
+
+    Already-wrapped layers are reported by their base ``nn.Linear``, so counts work before and after ``prepare``.
+
+    Raises:
+        ModelError: if the model has no block, or a block lacks a target or it is not a linear layer.
+    """
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ModelError(f"{type(model).__name__} has no transformer block with 'attn' and 'mlp'; LoRA needs one")
+    found = []
+    for block_name, block in blocks:
+        for target in targets:
+            try:
+                layer = block.get_submodule(target)
+            except AttributeError as e:
+                raise ModelError(f"block {block_name!r} has no submodule {target!r} to adapt with LoRA") from e
+            layer = layer.base if isinstance(layer, LoRALinear) else layer
+            if not isinstance(layer, nn.Linear):
+                raise ModelError(f"{block_name}.{target} is a {type(layer).__name__}, LoRA needs an nn.Linear")
+            found.append((f"{block_name}.{target}", layer))
+    return found
+
+
+def lora_params_per_rank(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, *, extra_per_rank: int = 0) -> int:
+    """Trainable parameters one unit of rank costs: ``sum(in + out + extra_per_rank)`` over the targeted layers.
+
+    ``extra_per_rank=1`` gives AdaLoRA's cost (one singular value per rank and layer).
+    """
+    return sum(layer.in_features + layer.out_features + extra_per_rank for _, layer in lora_targets(model, targets))
+
+
+def lora_rank_for_budget(
+    model: nn.Module, budget_params: int, targets: Sequence[str] = DEFAULT_TARGETS, *, extra_per_rank: int = 0
+) -> int:
+    """The rank (>= 1) whose LoRA parameter count (head excluded) is closest to ``budget_params``.
+
+    Every rank step costs :func:`lora_params_per_rank` parameters, so the count at the returned rank is within half
+    a rank step of the budget (unless the budget is below one rank step, where rank 1 is returned).
+    """
+    if budget_params < 0:
+        raise ConfigError(f"budget_params must be >= 0, got {budget_params}")
+    per_rank = lora_params_per_rank(model, targets, extra_per_rank=extra_per_rank)
+    return max(1, int(budget_params / per_rank + 0.5))  # round half up, not Python's banker's rounding
+
+
+def run_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
+    """The run's adapter-parameter budget (``--budget-params``, or ``--budget-dim`` as uniform adapters)."""
+    if cfg.budget_dim is not None:
+        return uniform_adapter_params(model, cfg.budget_dim)
+    return cfg.budget_params
+
+
+def resolve_rank(
+    cfg: TrainConfig,
+    model: nn.Module,
+    *,
+    rank: int | None,
+    budget_params: int | None,
+    targets: Sequence[str],
+    extra_per_rank: int = 0,
+) -> int:
+    """Rank from, in order: an explicit ``rank``, a parameter budget, ``cfg.adapter_dim``, else 8.
+
+    The budget is ``method_kwargs["budget_params"]``, else the run's ``--budget-params`` / ``--budget-dim``
+    (the parameter count of uniform sequential adapters of that size): this is how peers are matched to MiMi.
+    """
+    if budget_params is None and rank is None:
+        budget_params = run_budget(cfg, model)
+    if rank is not None and budget_params is not None:
+        raise ConfigError(f"method {cfg.method}: give rank or budget_params in method_kwargs, not both")
+    if rank is not None:
+        if not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"method {cfg.method}: rank must be a positive integer, got {rank!r}")
+        return rank
+    if budget_params is not None:
+        return lora_rank_for_budget(model, budget_params, targets, extra_per_rank=extra_per_rank)
+    return cfg.adapter_dim if cfg.adapter_dim is not None else DEFAULT_RANK
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> nn.Module:
+    """Wrap every targeted linear layer in a :class:`LoRALinear`; freeze all but LoRA and the head (in place)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ModelError("the model already holds LoRA layers; build a fresh backbone")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, layer in lora_targets(model, targets):
+        parent_name, _, attr = name.rpartition(".")
+        wrapped = LoRALinear(layer, rank, alpha, dropout=dropout, generator=generator)
+        setattr(model.get_submodule(parent_name), attr, wrapped)
+    freeze_backbone(model)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_a.requires_grad_(True)
+            m.lora_b.requires_grad_(True)
+    return model
+
+
+def lora_param_count(model: nn.Module) -> int:
+    """Parameters held by all LoRA updates of the model."""
+    return sum(m.lora_a.weight.numel() + m.lora_b.weight.numel() for m in model.modules() if isinstance(m, LoRALinear))
+
+
+@register("lora")
+class LoRA(Method):
+    description = (
+        "LoRA (ours): rank-r updates on qkv/proj/fc1/fc2 of every block; rank from method_kwargs or --adapter-dim"
+    )
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+        kw = method_kwargs(
+            cfg, {"rank": None, "alpha": None, "targets": list(DEFAULT_TARGETS), "dropout": 0.0, "budget_params": None}
+        )
+        targets = tuple(kw["targets"])
+        rank = resolve_rank(cfg, model, rank=kw["rank"], budget_params=kw["budget_params"], targets=targets)
+        return add_lora(model, rank=rank, alpha=kw["alpha"], targets=targets, dropout=kw["dropout"], seed=cfg.seed)
+
+    def extra_info(self, model: nn.Module) -> dict[str, Any]:
+        layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        return {
+            "lora_rank": layers[0].rank if layers else 0,
+            "lora_alpha": layers[0].alpha if layers else 0.0,
+            "lora_layers": len(layers),
+            "lora_params": lora_param_count(model),
+        }

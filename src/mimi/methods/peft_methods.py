@@ -1,0 +1,297 @@
+"""External peers through Hugging Face PEFT: LoRA and AdaLoRA on the same timm backbone (PEFT's custom-model path).
+
+PEFT is an optional dependency (``pip install mimi-adapters[peft]``); it is imported only when a method is prepared.
+
+* Targets are chosen by a regex built from the block names ``find_blocks`` returns, e.g.
+  ``(?:blocks\\.\\d+)\\.(?:attn\\.qkv|attn\\.proj|mlp\\.fc1|mlp\\.fc2)`` on a ViT: a plain list such as
+  ``["qkv", "proj"]`` would also hit ``patch_embed.proj`` (a Conv2d). The layers the regex selects are checked
+  against the expected set before PEFT touches the model.
+* The classifier head (found by identity with ``get_classifier()``) goes to ``modules_to_save``: PEFT wraps it in a
+  ``ModulesToSaveWrapper`` that keeps the original head frozen and trains a copy.
+* AdaLoRA: see :class:`PeftAdaLoRA` for how its rank allocation is hooked into our training loop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..adapters import find_blocks
+from ..errors import ConfigError, ModelError
+from .base import Method, method_kwargs, register
+from .lora import DEFAULT_TARGETS, lora_targets, resolve_rank
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+ADAPTER = "default"  # PEFT's adapter name
+
+# method_kwargs and their defaults (None: derived, see the methods). budget_params picks the rank from a parameter
+# budget (head excluded), to match a MiMi run.
+LORA_OPTIONS: dict[str, Any] = {
+    "rank": None,  # alias: r; default --adapter-dim, else 8
+    "r": None,
+    "alpha": None,  # default: rank (scaling 1)
+    "targets": list(DEFAULT_TARGETS),
+    "dropout": 0.0,
+    "budget_params": None,
+}
+ADALORA_OPTIONS: dict[str, Any] = {
+    "init_r": None,  # default: 1.5 * target_r, PEFT's 12 / 8 ratio
+    "target_r": None,  # default: init_r / 1.5, else --adapter-dim, else 8
+    "alpha": None,  # default: init_r (scaling 1)
+    "targets": list(DEFAULT_TARGETS),
+    "dropout": 0.0,
+    "tinit": None,  # default: 10% of the steps
+    "tfinal": None,  # default: 20% of the steps
+    "deltaT": 10,
+    "beta1": 0.85,
+    "beta2": 0.85,
+    "orth_reg_weight": 0.5,
+    "budget_params": None,  # sets target_r: ranks cost in + out + 1 parameters each
+}
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise ConfigError("the peft-* methods need Hugging Face PEFT: pip install 'mimi-adapters[peft]'") from e
+    return peft
+
+
+def target_regex(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> str:
+    """A ``target_modules`` regex matching exactly ``<block>.<target>`` for every transformer block.
+
+    Block names are generalised over their indices (``blocks.0`` -> ``blocks\\.\\d+``, Swin's ``layers.0.blocks.1``
+    -> ``layers\\.\\d+\\.blocks\\.\\d+``), so the regex reads like one written by hand.
+    """
+    blocks = sorted({re.sub(r"\d+", r"\\d+", re.escape(name)) for name, _ in find_blocks(model)})
+    if not blocks:
+        raise ModelError(f"{type(model).__name__} has no transformer block with 'attn' and 'mlp'")
+    return rf"(?:{'|'.join(blocks)})\.(?:{'|'.join(re.escape(t) for t in targets)})"
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The name under which ``model.get_classifier()`` appears in ``model.named_modules()`` (None: no head)."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        return None
+    return next((name for name, m in model.named_modules() if m is head), None)
+
+
+def apply_peft(model: nn.Module, config: Any, *, targets: Sequence[str]) -> nn.Module:
+    """``peft.get_peft_model`` after checking that the regex selects exactly the intended linear layers."""
+    peft = _peft()
+    expected = {name for name, _ in lora_targets(model, targets)}
+    matched = {name for name, _ in model.named_modules() if re.fullmatch(config.target_modules, name)}
+    if matched != expected:
+        raise ModelError(
+            f"PEFT target regex {config.target_modules!r} selects {sorted(matched ^ expected)[:4]} unexpectedly"
+        )
+    peft_model = peft.get_peft_model(model, config)
+    inner = peft_model.base_model.model  # the timm model, modified in place
+    tuned = {n for n, m in inner.named_modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
+    saved = {n for n, m in inner.named_modules() if isinstance(m, peft.utils.ModulesToSaveWrapper)}
+    # modules_to_save matches names by suffix: make sure only the head was wrapped.
+    if tuned != expected or saved != set(config.modules_to_save or []):
+        raise ModelError(
+            f"PEFT adapted {sorted(tuned ^ expected)[:4]} / saved {sorted(saved)}: not the intended layers"
+        )
+    return peft_model
+
+
+def trainable_without_head(model: nn.Module) -> int:
+    """Trainable parameters outside the classifier head (PEFT's head copy included in the head)."""
+    head = model.get_classifier()
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
+
+
+def _rank_kw(cfg: TrainConfig, kw: dict[str, Any]) -> int | None:
+    if kw["rank"] is not None and kw["r"] is not None:
+        raise ConfigError(f"method {cfg.method}: give rank or r in method_kwargs, not both")
+    return kw["rank"] if kw["rank"] is not None else kw["r"]
+
+
+@register("peft-lora")
+class PeftLoRA(Method):
+    description = "Hugging Face PEFT LoRA on qkv/proj/fc1/fc2 of every block (the head in modules_to_save)"
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+        peft = _peft()
+        kw = method_kwargs(cfg, LORA_OPTIONS)
+        targets = tuple(kw["targets"])
+        rank = resolve_rank(cfg, model, rank=_rank_kw(cfg, kw), budget_params=kw["budget_params"], targets=targets)
+        head = head_name(model)
+        config = peft.LoraConfig(
+            r=rank,
+            lora_alpha=rank if kw["alpha"] is None else kw["alpha"],  # alpha = rank: scaling 1, as our `lora`
+            lora_dropout=kw["dropout"],
+            target_modules=target_regex(model, targets),
+            modules_to_save=[head] if head else None,
+        )
+        return apply_peft(model, config, targets=targets)
+
+    def extra_info(self, model: nn.Module) -> dict[str, Any]:
+        config = model.peft_config[ADAPTER]
+        return {"lora_rank": config.r, "lora_alpha": config.lora_alpha, "lora_params": trainable_without_head(model)}
+
+
+def _schedule(total_steps: int, tinit: int | None, tfinal: int | None) -> tuple[int, int]:
+    """AdaLoRA's phases: warm-up ``tinit`` (default 10% of the steps) and final ``tfinal`` (default 20%).
+
+    ``tfinal >= 1`` whenever there are 2+ steps: the final allocation happens at step ``total - tfinal``, which is
+    never reached with ``tfinal = 0`` (steps run from 0 to total - 1).
+    """
+    if tfinal is None:
+        tfinal = max(1, round(0.2 * total_steps)) if total_steps >= 2 else 0
+    if tinit is None:
+        tinit = min(round(0.1 * total_steps), max(0, total_steps - tfinal - 1))
+    if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
+        raise ConfigError(
+            f"peft-adalora: need 0 <= tinit < total_steps - tfinal, got tinit={tinit}, tfinal={tfinal}, "
+            f"total_steps={total_steps}"
+        )
+    return tinit, tfinal
+
+
+@register("peft-adalora")
+class PeftAdaLoRA(Method):
+    """Hugging Face PEFT AdaLoRA: SVD-form LoRA whose per-layer ranks are pruned from ``init_r`` to ``target_r``.
+
+    Hook ordering. PEFT documents ``backward -> optimizer.step -> update_and_allocate -> zero_grad``; our loop calls
+    ``after_backward`` between backward and ``optimizer.step``. Importance scores (``|w * grad|``) are the same either
+    way (the gradients are there), but a mask applied before the step is partly undone by that step (AdamW moves the
+    zeroed singular values again). So, besides calling ``update_and_allocate(step)`` in ``after_backward``, a forward
+    pre-hook re-applies the final rank pattern before every forward once it is fixed: the model trained, evaluated and
+    saved in the final phase holds exactly ``target_r`` ranks on average, as with PEFT's own order.
+
+    PEFT adds AdaLoRA's orthogonality penalty only to outputs carrying ``.loss`` (HF models); a timm model returns
+    logits, so ``after_backward`` back-propagates ``orth_reg_weight * R(A, B)`` itself, before the allocation.
+    """
+
+    description = "Hugging Face PEFT AdaLoRA: ranks pruned from init_r to an average target_r during training"
+
+    def __init__(self) -> None:
+        self._step = -1
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+        peft = _peft()
+        kw = method_kwargs(cfg, ADALORA_OPTIONS)
+        targets = tuple(kw["targets"])
+        # Ranks keep PEFT's default ratio init_r = 1.5 * target_r (12 / 8) when only one of them is given.
+        # budget_params sets the FINAL budget: target_r ranks of (in + out + 1) parameters each.
+        target_r = kw["target_r"]
+        if target_r is None and kw["init_r"] is not None and kw["budget_params"] is None:
+            target_r = max(1, round(kw["init_r"] / 1.5))
+        target_r = resolve_rank(
+            cfg, model, rank=target_r, budget_params=kw["budget_params"], targets=targets, extra_per_rank=1
+        )
+        init_r = kw["init_r"] if kw["init_r"] is not None else max(target_r + 1, round(1.5 * target_r))
+        if not target_r < init_r:
+            raise ConfigError(f"peft-adalora: target_r ({target_r}) must be below init_r ({init_r})")
+        tinit, tfinal = _schedule(total_steps, kw["tinit"], kw["tfinal"])
+        head = head_name(model)
+        config = peft.AdaLoraConfig(
+            init_r=init_r,
+            target_r=target_r,
+            lora_alpha=init_r if kw["alpha"] is None else kw["alpha"],  # scaling alpha / init_r = 1
+            lora_dropout=kw["dropout"],
+            total_step=total_steps,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=kw["deltaT"],
+            beta1=kw["beta1"],
+            beta2=kw["beta2"],
+            orth_reg_weight=kw["orth_reg_weight"],
+            target_modules=target_regex(model, targets),
+            modules_to_save=[head] if head else None,
+        )
+        model = apply_peft(model, config, targets=targets)
+        model.register_forward_pre_hook(self._mask_final)
+        return model
+
+    def _final(self, model: nn.Module) -> bool:
+        config = model.peft_config[ADAPTER]
+        return config.rank_pattern is not None and self._step >= config.total_step - config.tfinal
+
+    def _mask_final(self, model: nn.Module, args: Any) -> None:
+        if self._final(model):
+            model.base_model.rankallocator.mask_using_rank_pattern(
+                model.base_model.model, model.peft_config[ADAPTER].rank_pattern
+            )
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        tuner = model.base_model
+        config = model.peft_config[ADAPTER]
+        if config.orth_reg_weight > 0:
+            penalty = orthogonal_penalty(tuner.model)
+            if penalty is not None:
+                (config.orth_reg_weight * penalty).backward()
+        if config.rank_pattern is None and step > config.total_step - config.tfinal:
+            # Resumed inside the final phase: the pattern lived only in memory; the masked values are zeros on disk.
+            config.rank_pattern = current_rank_pattern(tuner.model)
+        tuner.update_and_allocate(step)
+        self._step = step
+
+    def extra_info(self, model: nn.Module) -> dict[str, Any]:
+        config = model.peft_config[ADAPTER]
+        inner = model.base_model.model
+        if self._final(model):
+            self._mask_final(model, ())  # the last optimizer step may have moved masked values
+        if config.rank_pattern is not None:
+            suffix = f".lora_E.{ADAPTER}"
+            ranks = {name.removesuffix(suffix): int(sum(keep)) for name, keep in config.rank_pattern.items()}
+        else:  # no allocation yet (very short run): every rank is still allowed
+            ranks = {name: int(e.shape[0]) for name, e in _singular_values(inner).items()}
+        cost = {name: a.shape[1] + b.shape[0] + 1 for name, (a, b) in _factors(inner).items()}  # in + out + 1
+        return {
+            "adalora_ranks": ranks,
+            "adalora_final": self._step >= config.total_step - config.tfinal,
+            "adalora_total_rank": sum(ranks.values()),
+            "adalora_target_total_rank": config.target_r * len(ranks),
+            "lora_params": trainable_without_head(model),
+            "effective_lora_params": sum(r * cost[name] for name, r in ranks.items()),
+        }
+
+
+def _by_layer(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    suffix = f".{kind}.{ADAPTER}"
+    return {n.removesuffix(suffix): p for n, p in model.named_parameters() if n.endswith(suffix)}
+
+
+def _singular_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """AdaLoRA's ``lora_E`` (r x 1) per adapted layer, by layer name."""
+    return _by_layer(model, "lora_E")
+
+
+def _factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """AdaLoRA's ``(lora_A (r x in), lora_B (out x r))`` per adapted layer, by layer name."""
+    a, b = _by_layer(model, "lora_A"), _by_layer(model, "lora_B")
+    return {name: (a[name], b[name]) for name in a}
+
+
+def current_rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
+    """A ``rank_pattern`` (as PEFT stores it) read from the current singular values: masked ones are exactly zero."""
+    return {f"{name}.lora_E.{ADAPTER}": (e != 0).view(-1).tolist() for name, e in _singular_values(model).items()}
+
+
+def orthogonal_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's regulariser: mean over A and B matrices of ``||A A^T - I||_F`` / ``||B^T B - I||_F``."""
+    terms = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or ADAPTER not in name:
+            continue
+        if ".lora_A." in name:
+            gram = p @ p.T  # (r, r)
+        elif ".lora_B." in name:
+            gram = p.T @ p  # (r, r)
+        else:
+            continue
+        terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=p.device, dtype=p.dtype)))
+    return torch.stack(terms).mean() if terms else None
