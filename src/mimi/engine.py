@@ -85,7 +85,7 @@ def train_epoch(
     """One pass over ``data``; returns mean loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(data, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)  # (B, 3, H, W), (B,)
         with autocast(ctx.device, ctx.amp_dtype):
@@ -125,7 +125,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     total_loss, seen = 0.0, 0
     data = loader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for x, y in tqdm(data, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp_dtype):
             logits = model(x).float()  # (B, C)

@@ -563,7 +563,7 @@ def _write_task(task: str, root: Path, plan: dict[str, _Split], key: dict, progr
     info.update(counts={}, class_histogram={}, sources={})
     size = None
     total = sum(s.n for s in plan.values())
-    with tqdm(total=total, desc=task, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc=task, unit="img", disable=None if progress else True, leave=False) as bar:
         for split, part in plan.items():
             (tmp / "images" / split).mkdir(parents=True)
             hist = np.zeros(spec.num_classes, dtype=np.int64)
