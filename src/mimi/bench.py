@@ -134,6 +134,7 @@ def _result(run: BenchRun, summary: list[dict], seconds: float) -> dict[str, Any
             "head": head,
             "pct_of_backbone": final["pct_of_backbone"],
         },
+        "budget": info.get("budget"),
         "checkpoint_bytes": ckpt.stat().st_size if ckpt.is_file() else None,
         "val_acc": final["val_acc"],
         "test_acc": final["test_acc"],

@@ -171,7 +171,8 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(_short(task) if task else "mean over tasks")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if by_label:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

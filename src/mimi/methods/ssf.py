@@ -78,8 +78,14 @@ def ssf_targets(model: nn.Module, *, patch_embed: bool = True) -> list[tuple[str
             raise ModelError(
                 f"ssf: the patch embedding of {type(model).__name__} is not channels-last; pass patch_embed=false"
             )
-        found.append(("patch_embed", pe, dim))
-        skip |= {id(m) for m in pe.modules()}  # the wrapper on patch_embed already covers its proj and norm
+        if not isinstance(getattr(pe, "norm", None), nn.Module):
+            raise ModelError(
+                f"ssf: the patch embedding of {type(model).__name__} has no norm slot; pass patch_embed=false"
+            )
+        # Wrap the embedding's last step (its norm, Identity in most ViTs), not the embedding itself: the model
+        # reads attributes such as patch_embed.grid_size, which a wrapper would hide.
+        found.append(("patch_embed.norm", pe.norm, dim))
+        skip |= {id(m) for m in pe.modules()}
     for name, m in model.named_modules():
         if id(m) in skip:
             continue
