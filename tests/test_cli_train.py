@@ -110,6 +110,9 @@ def test_eval_reproduces_reported_test_accuracy(finished_run, capsys, tmp_path):
         == 0
     )
     assert json.loads((tmp_path / "v.json").read_text())["acc"] == pytest.approx(summary[0]["val_acc"], abs=1e-9)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(summary[-1]["test_acc"], abs=1e-9)
 
 
 def test_info_shows_sizes_and_bytes(finished_run, capsys):
@@ -245,3 +248,35 @@ def test_config_file_with_overrides(tmp_path, finished_run):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 1 and summary[0]["epochs"] == 1 and summary[0]["adapter_params"] == 0
     assert summary[0]["trainable_params"] == 64 * 3 + 3
+
+
+def test_resume_before_first_checkpoint_starts_over(tmp_path, finished_run):
+    root, _ = finished_run
+    out = tmp_path / "early"
+    args = [
+        "train",
+        "--model",
+        "test_vit",
+        "--img-size",
+        "32",
+        "--data",
+        "vtab1k:toy",
+        "--data-root",
+        str(root),
+        "--method",
+        "linear",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    (out / "checkpoint.safetensors").unlink()  # as if killed before the first checkpoint was written
+    (out / "adapters.safetensors").unlink()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert (out / "adapters.safetensors").is_file() and len(json.loads((out / "summary.json").read_text())) == 1

@@ -110,7 +110,13 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", default="adapters.safetensors", help="file in the run folder (e.g. cycles/cycle_2.safetensors)"
     )
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the result as JSON to FILE, or alone: print only JSON on stdout",
+    )
     p.add_argument("--per-class", action="store_true", help="print per-class accuracy")
 
 
@@ -120,6 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .trainer import evaluate_run
 
     res = evaluate_run(args.run_dir, split=args.split, weights=args.weights)
+    if args.json == "-":
+        print(json.dumps(res))
+        return 0
     print(f"{args.split} accuracy {100 * res['acc']:.2f}% ({res['n']} images, loss {res['loss']:.4f})")
     if args.per_class:
         for i, a in enumerate(res["per_class_acc"]):

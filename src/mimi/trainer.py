@@ -397,9 +397,13 @@ def resume(run_dir: str | Path, *, log=print) -> list[dict]:
     """Continue an interrupted run from its last checkpoint; the result equals an unbroken run."""
     out = Path(run_dir)
     path = out / "checkpoint.safetensors"
-    if not (out / "config.yaml").is_file() or not path.is_file():
-        raise CheckpointError(f"{out}: no resumable run here (config.yaml and checkpoint.safetensors are needed)")
+    if not (out / "config.yaml").is_file():
+        raise CheckpointError(f"{out}: no resumable run here (no config.yaml); start one with `mimi train --out {out}`")
     cfg = TrainConfig.load(out / "config.yaml")
+    if not path.is_file():  # stopped before its first checkpoint: nothing to continue, start it again
+        log(f"{out} has no checkpoint yet: starting the run from the beginning")
+        (out / "config.yaml").unlink()
+        return train(cfg, log=log)
     meta = ckpt.read_metadata(path)
     tensors = ckpt.load_tensors(path)
     run = build_run(cfg, sizes=json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None)
