@@ -13,10 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from .io_utils import atomic_write, atomic_write_text  # noqa: E402
-from .report import _block_grid, human  # noqa: E402
+from .report import _block_grid, human, save_size_grid  # noqa: E402
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 
@@ -191,27 +190,16 @@ def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
     runs = list(first.values())
     layout = runs[0]["layout"]
     grid, rows, _ = _block_grid([{"sizes": r["cycles"][-1]["sizes"], "cycle": 0} for r in runs], layout)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(runs), 1.2 + 0.22 * len(rows)), dpi=120)
-    im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(runs)), [_short(r["task"]) for r in runs], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=6)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            ax.text(
-                j,
-                i,
-                "x" if grid[i, j] == 0 else f"{int(grid[i, j])}",
-                ha="center",
-                va="center",
-                fontsize=5,
-                color="red" if grid[i, j] == 0 else "white",
-            )
-    fig.colorbar(im, ax=ax, label="hidden size (x: removed)")
-    ax.set_title(f"adapter sizes found by {runs[0]['label']} ({variant(runs[0])})", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return path
+    return save_size_grid(
+        grid,
+        rows,
+        [_short(r["task"]) for r in runs],
+        path,
+        xlabel="task",
+        col_width=0.8,
+        rotate=True,
+        title=f"adapter sizes found by {runs[0]['label']} ({variant(runs[0])})",
+    )
 
 
 def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:

@@ -80,31 +80,40 @@ def plot_accuracy_vs_params(summary: list[dict], path: Path, title: str = "") ->
     return path
 
 
-def plot_sizes_heatmap(summary: list[dict], layout: list[dict], path: Path, title: str = "") -> Path:
-    grid, rows, cols = _block_grid(summary, layout)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.2 + 0.22 * len(rows)), dpi=120)
+def save_size_grid(
+    grid: np.ndarray,
+    rows: list[str],
+    cols: list[str],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    col_width: float = 0.55,
+    rotate: bool = False,
+) -> Path:
+    """Heat map of hidden sizes (rows: adapter slots, columns: cycles or tasks), removed adapters marked x."""
+    fig, ax = plt.subplots(figsize=(1.5 + col_width * len(cols), 1.2 + 0.22 * len(rows)), dpi=120)
     im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xticks(range(len(cols)), cols, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=6)
-    ax.set_xlabel("cycle")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("block / branch")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            ax.text(
-                j,
-                i,
-                "x" if grid[i, j] == 0 else f"{int(grid[i, j])}",
-                ha="center",
-                va="center",
-                fontsize=5,
-                color="red" if grid[i, j] == 0 else "white",
-            )
+    top = grid.max() if grid.size else 0
+    for (i, j), v in np.ndenumerate(grid):
+        # dark text on the bright (large) end of viridis, white on the dark end, red x where removed
+        color = "red" if v == 0 else ("black" if v > 0.6 * top else "white")
+        ax.text(j, i, "x" if v == 0 else f"{int(v)}", ha="center", va="center", fontsize=5, color=color)
     fig.colorbar(im, ax=ax, label="hidden size (x: removed)")
-    ax.set_title(title or "adapter hidden sizes per cycle")
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_sizes_heatmap(summary: list[dict], layout: list[dict], path: Path, title: str = "") -> Path:
+    grid, rows, cols = _block_grid(summary, layout)
+    return save_size_grid(grid, rows, cols, path, title=title or "adapter hidden sizes per cycle", xlabel="cycle")
 
 
 def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Path:
@@ -123,7 +132,7 @@ def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Pa
         f"parameters) at {info.get('img_size')} px; {info.get('n_train')} train / {info.get('n_val')} val / "
         f"{info.get('n_test')} test images, {info.get('num_classes')} classes.",
         "",
-        f"Final: **{100 * final['test_acc']:.2f}% test** (selected on validation: {100 * final['val_acc']:.2f}%) with "
+        f"Final (last cycle): **{100 * final['test_acc']:.2f}% test**, {100 * final['val_acc']:.2f}% validation, with "
         f"{final['trainable_params']:,} trained parameters ({final['pct_of_backbone']:.3f}% of the backbone).",
         "",
         cycle_table(summary, layout),
