@@ -1,60 +1,52 @@
 """End to end: the real CLI on a VTAB-1k-layout folder written here, with timm's test_vit."""
 
+import contextlib
 import json
-import shutil
 
 import pytest
 from safetensors.torch import load_file
 from vtab_fixture import write_vtab_task
 
+import mimi.trainer as trainer
 from mimi.cli import main
 
 BUDGET = 500
+COMMON = "--model test_vit --img-size 32 --data vtab1k:toy --batch-size 16 --device cpu --seed 0 --no-progress"
+MIMI = f"--method mimi --adapter-dim 16 --budget-params {BUDGET} --rho 0.5 --epochs 1 --first-epochs 3 --lr 3e-3"
 
 
-def _train_args(root, out, *extra):
-    return [
-        "train",
-        "--model",
-        "test_vit",
-        "--img-size",
-        "32",
-        "--data",
-        "vtab1k:toy",
-        "--data-root",
-        str(root),
-        "--method",
-        "mimi",
-        "--adapter-dim",
-        "16",
-        "--budget-params",
-        str(BUDGET),
-        "--rho",
-        "0.5",
-        "--epochs",
-        "1",
-        "--first-epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--device",
-        "cpu",
-        "--seed",
-        "0",
-        "--lr",
-        "3e-3",
-        "--no-progress",
-        "--out",
-        str(out),
-        *extra,
-    ]
+def _args(root, out, extra: str = MIMI) -> list[str]:
+    return ["train", *COMMON.split(), *extra.split(), "--data-root", str(root), "--out", str(out)]
+
+
+@contextlib.contextmanager
+def crash_after_checkpoints(n: int, exc: BaseException):
+    """Make the trainer raise ``exc`` right after its n-th checkpoint is written (a crash at a known point)."""
+    original, calls = trainer.save_checkpoint, {"n": 0}
+
+    def save(*a, **k):
+        original(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+
+    trainer.save_checkpoint = save
+    try:
+        yield
+    finally:
+        trainer.save_checkpoint = original
+
+
+def _same_tensors(a_path, b_path) -> bool:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = write_vtab_task(tmp_path_factory.mktemp("data"))
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(_train_args(root, out)) == 0
+    assert main(_args(root, out)) == 0
     return root, out
 
 
@@ -92,23 +84,9 @@ def test_eval_reproduces_reported_test_accuracy(finished_run, capsys, tmp_path):
     _, out = finished_run
     summary = json.loads((out / "summary.json").read_text())
     assert main(["eval", str(out), "--split", "test", "--json", str(tmp_path / "e.json")]) == 0
-    res = json.loads((tmp_path / "e.json").read_text())
-    assert res["acc"] == pytest.approx(summary[-1]["test_acc"], abs=1e-9)
-    assert (
-        main(
-            [
-                "eval",
-                str(out),
-                "--split",
-                "val",
-                "--weights",
-                "cycles/cycle_0.safetensors",
-                "--json",
-                str(tmp_path / "v.json"),
-            ]
-        )
-        == 0
-    )
+    assert json.loads((tmp_path / "e.json").read_text())["acc"] == pytest.approx(summary[-1]["test_acc"], abs=1e-9)
+    cycle0 = ["--weights", "cycles/cycle_0.safetensors", "--json", str(tmp_path / "v.json")]
+    assert main(["eval", str(out), "--split", "val", *cycle0]) == 0
     assert json.loads((tmp_path / "v.json").read_text())["acc"] == pytest.approx(summary[0]["val_acc"], abs=1e-9)
     capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0
@@ -122,118 +100,76 @@ def test_info_shows_sizes_and_bytes(finished_run, capsys):
     assert "bytes" in text and "adapters:" in text and "head:" in text
 
 
+class Stop(Exception):
+    pass
+
+
 def test_resume_after_interruption_equals_uninterrupted(finished_run, tmp_path):
-    """Cut the run after its 4th epoch (cycle 1, just after a prune), resume, compare bit for bit."""
+    """Cut the run just after the prune of cycle 1, resume, compare bit for bit."""
     root, full = finished_run
     out = tmp_path / "cut"
-
-    class Stop(Exception):
-        pass
-
-    import mimi.trainer as tr
-
-    calls = {"n": 0}
-    original = tr.save_checkpoint
-
-    def crashing_save(*a, **k):
-        original(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 6:  # start, 3 epochs, end of cycle 0, after-prune checkpoint of cycle 1
-            raise Stop
-
-    tr.save_checkpoint = crashing_save
-    try:
-        with pytest.raises(Stop):
-            main(_train_args(root, out))
-    finally:
-        tr.save_checkpoint = original
+    # checkpoints: start, 3 epochs, end of cycle 0, after the prune of cycle 1 -> crash
+    with crash_after_checkpoints(6, Stop()), pytest.raises(Stop):
+        main(_args(root, out))
     assert not (out / "adapters.safetensors").exists()
     assert main(["train", "--resume", str(out)]) == 0
-    a, b = load_file(str(full / "adapters.safetensors")), load_file(str(out / "adapters.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert _same_tensors(full / "adapters.safetensors", out / "adapters.safetensors")
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, out))
-    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in sa]
-    assert strip == [{k: v for k, v in e.items() if k != "seconds"} for e in sb]
-    ma = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in sa] == [
+        {k: v for k, v in e.items() if k != "seconds"} for e in sb
+    ]
+    ma, mb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, out))
     assert [(m["cycle"], m["epoch"], m["train_loss"]) for m in ma] == [
         (m["cycle"], m["epoch"], m["train_loss"]) for m in mb
     ]
 
 
-def test_resume_mid_cycle_zero(finished_run, tmp_path):
+def test_resume_mid_cycle_zero_after_ctrl_c(finished_run, tmp_path):
     root, full = finished_run
     out = tmp_path / "cut0"
-    import mimi.trainer as tr
-
-    original = tr.save_checkpoint
-    calls = {"n": 0}
-
-    def crashing_save(*a, **k):
-        original(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:  # after the first epoch of cycle 0
-            raise KeyboardInterrupt
-
-    tr.save_checkpoint = crashing_save
-    try:
-        assert main(_train_args(root, out)) == 130
-    finally:
-        tr.save_checkpoint = original
+    with crash_after_checkpoints(2, KeyboardInterrupt()):  # after the first epoch of cycle 0
+        assert main(_args(root, out)) == 130
     assert main(["train", "--resume", str(out)]) == 0
-    a, b = load_file(str(full / "adapters.safetensors")), load_file(str(out / "adapters.safetensors"))
-    assert all((a[k] == b[k]).all() for k in a)
+    assert _same_tensors(full / "adapters.safetensors", out / "adapters.safetensors")
+
+
+def test_resume_before_first_checkpoint_starts_over(tmp_path, finished_run):
+    root, _ = finished_run
+    out = tmp_path / "early"
+    assert main(_args(root, out, "--method linear --epochs 1")) == 0
+    (out / "checkpoint.safetensors").unlink()  # as if killed before the first checkpoint was written
+    (out / "adapters.safetensors").unlink()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert (out / "adapters.safetensors").is_file() and len(json.loads((out / "summary.json").read_text())) == 1
 
 
 def test_clear_errors(tmp_path, capsys, finished_run):
     root, out = finished_run
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "test_vit",
-                "--data",
-                "vtab1k:nope",
-                "--data-root",
-                str(root),
-                "--out",
-                str(tmp_path / "x"),
-                "--budget-params",
-                "10",
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    bad_task = [
+        "train",
+        "--model",
+        "test_vit",
+        "--data",
+        "vtab1k:nope",
+        "--data-root",
+        str(root),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "x"),
+        "--budget-params",
+        "10",
+    ]
+    assert main(bad_task) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
-    assert main(_train_args(root, out)) == 2  # existing run folder is never overwritten
+    assert not (tmp_path / "x" / "config.yaml").exists()  # nothing half-written
+    assert main(_args(root, out)) == 2  # an existing run folder is never overwritten
     assert "already holds a run" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "test_vit",
-                "--img-size",
-                "32",
-                "--data",
-                "vtab1k:toy",
-                "--data-root",
-                str(root),
-                "--out",
-                str(tmp_path / "y"),
-                "--no-progress",
-                "--weights",
-                "none",
-            ]
-        )
-        == 2
-    )
+    assert main(_args(root, tmp_path / "y", "--method mimi --weights none")) == 2
     assert "needs a budget" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
-    shutil.rmtree(tmp_path / "x", ignore_errors=True)
+    assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert "--resume takes the run's own config" in capsys.readouterr().err
 
 
 def test_config_file_with_overrides(tmp_path, finished_run):
@@ -248,35 +184,4 @@ def test_config_file_with_overrides(tmp_path, finished_run):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 1 and summary[0]["epochs"] == 1 and summary[0]["adapter_params"] == 0
     assert summary[0]["trainable_params"] == 64 * 3 + 3
-
-
-def test_resume_before_first_checkpoint_starts_over(tmp_path, finished_run):
-    root, _ = finished_run
-    out = tmp_path / "early"
-    args = [
-        "train",
-        "--model",
-        "test_vit",
-        "--img-size",
-        "32",
-        "--data",
-        "vtab1k:toy",
-        "--data-root",
-        str(root),
-        "--method",
-        "linear",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    (out / "checkpoint.safetensors").unlink()  # as if killed before the first checkpoint was written
-    (out / "adapters.safetensors").unlink()
-    assert main(["train", "--resume", str(out)]) == 0
-    assert (out / "adapters.safetensors").is_file() and len(json.loads((out / "summary.json").read_text())) == 1
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
