@@ -76,6 +76,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
     """Create the backbone, load the task with the backbone's preprocessing, and apply the method."""
     if not cfg.data:
         raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
+    method = get_method(cfg.method)  # cheap checks first: fail before loading a backbone or decoding data
     torch.manual_seed(cfg.seed)
     model, source = create_backbone(
         cfg.model, weights=cfg.weights, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs
@@ -96,7 +97,6 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
     backbone_params = backbone_param_count(model)
     torch.manual_seed(cfg.seed)  # the head and the adapters start the same whatever the data loading did
     model.reset_classifier(task.num_classes)
-    method = get_method(cfg.method)
     total_steps = cycle_epochs(cfg, 0) * steps_per_epoch(cfg, task)
     model = method.prepare(model, cfg, total_steps=max(1, total_steps))
     layout = [{"name": n, "role": r} for n, r in adapter_roles(model).items()]
