@@ -97,7 +97,11 @@ def test_info_shows_sizes_and_bytes(finished_run, capsys):
     _, out = finished_run
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "bytes" in text and "adapters:" in text and "head:" in text
+    assert "bytes" in text and "adapters:" in text
+    summary = json.loads((out / "summary.json").read_text())
+    head = 64 * 3 + 3
+    assert f"head: {head:,} parameters" in text
+    assert f"{summary[-1]['adapter_params']:,} parameters" in text.splitlines()[-2]
 
 
 class Stop(Exception):

@@ -27,6 +27,15 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def head_param_names(model: nn.Module) -> list[str]:
+    """Full names (as in ``model.named_parameters()``) of the trainable classifier-head parameters."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return []
+    ids = {id(p) for p in head.parameters() if p.requires_grad}
+    return sorted(n for n, p in model.named_parameters() if id(p) in ids)
+
+
 def save_adapters(
     model: nn.Module,
     path: str | Path,
@@ -47,14 +56,13 @@ def save_adapters(
         The path written.
     """
     config = adapter_config(model)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
     meta = {
         "format": FORMAT,
         "adapter_config": json.dumps(config.to_dict() if config else None),
         "sizes": json.dumps({n: a.hidden_dim for n, a in adapters(model)}),
         "num_classes": str(getattr(model, "num_classes", "")),
         "trainable": json.dumps(sorted(trained_state(model))),
-        "head": json.dumps(sorted(n for n, _ in head.named_parameters()) if isinstance(head, nn.Module) else []),
+        "head": json.dumps(head_param_names(model)),
     }
     meta.update(metadata or {})
     tensors = trained_state(model)

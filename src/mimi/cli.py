@@ -158,7 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         n = sum(t.numel() for t in ts)
         print(f"{name:<40} {h:>6} {n:>9,} {sum(t.numel() * t.element_size() for t in ts):>9,}")
     trained = {k: t for k, t in tensors.items() if not k.startswith("__")}
-    head_n = sum(t.numel() for k, t in trained.items() if any(k.endswith(h) for h in head))
+    head_n = sum(t.numel() for k, t in trained.items() if k in head)
     total = sum(t.numel() for t in trained.values())
     print(f"adapters: {len(sizes)} alive, {sum(sizes.values())} hidden neurons, {total - head_n:,} parameters")
     print(
