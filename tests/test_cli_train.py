@@ -189,3 +189,14 @@ def test_config_file_with_overrides(tmp_path, finished_run):
     assert len(summary) == 1 and summary[0]["epochs"] == 1 and summary[0]["adapter_params"] == 0
     assert summary[0]["trainable_params"] == 64 * 3 + 3
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, finished_run):
+    """The CUDA default (bf16 autocast) exercised on CPU: the loop, pruning and evaluation work under autocast."""
+    root, _ = finished_run
+    out = tmp_path / "bf16"
+    extra = f"--method mimi --adapter-dim 8 --budget-params {BUDGET} --rho 1.0 --epochs 1 --precision bf16"
+    assert main(_args(root, out, extra)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 2 and summary[-1]["adapter_params"] <= BUDGET
+    assert all(0.0 <= e["test_acc"] <= 1.0 for e in summary)
