@@ -200,3 +200,21 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, finished_run):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 2 and summary[-1]["adapter_params"] <= BUDGET
     assert all(0.0 <= e["test_acc"] <= 1.0 for e in summary)
+
+
+def test_select_best_val_and_resume(tmp_path, finished_run):
+    """--select best-val ends each cycle on its best validation epoch; a resumed run selects the same."""
+    root, _ = finished_run
+    extra = f"{MIMI} --select best-val --first-epochs 4"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_args(root, full, extra)) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    for e in summary:
+        vals = [m["val_acc"] for m in metrics if m["cycle"] == e["cycle"]]
+        assert e["selected_epoch"] == 1 + vals.index(max(vals))
+        assert e["val_acc"] == pytest.approx(max(vals), abs=1e-9)  # the kept weights are the selected epoch's
+    with crash_after_checkpoints(4, Stop()), pytest.raises(Stop):  # mid cycle 0, a best already held
+        main(_args(root, cut, extra))
+    assert main(["train", "--resume", str(cut)]) == 0
+    assert _same_tensors(full / "adapters.safetensors", cut / "adapters.safetensors")

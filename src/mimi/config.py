@@ -54,6 +54,9 @@ class TrainConfig:
     warmup: float = _f(0.1, "fraction of each cycle's steps spent in linear warmup")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     grad_clip: float | None = _f(None, "clip the gradient norm to this value")
+    select: str = _f(
+        "last", "weights kept at the end of each cycle: last (epoch) or best-val (best validation accuracy)"
+    )
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
@@ -85,6 +88,7 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (self.img_size is None or self.img_size >= 1, "img_size must be >= 1"),
             (self.max_cycles >= 1, "max_cycles must be >= 1"),
+            (self.select in ("last", "best-val"), "select must be last or best-val"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -151,9 +151,17 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    run: Run, opt, step: int, position: dict, pruner: MiMiPruner | None, acc: GradientAccumulator | None
+    run: Run,
+    opt,
+    step: int,
+    position: dict,
+    pruner: MiMiPruner | None,
+    acc: GradientAccumulator | None,
+    best: dict | None = None,
 ):
     tensors, opt_meta = _optimizer_tensors(opt)
+    if best is not None:
+        tensors.update({f"__best__.{n}": t for n, t in best["state"].items()})
     if acc is not None:
         for name, (gd, gu) in acc.grads.items():
             tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"] = gd, gu
@@ -163,6 +171,7 @@ def save_checkpoint(
         "step": str(step),
         "pruner": json.dumps(pruner.state_dict() if pruner else None),
         "gradacc_steps": str(acc.steps if acc else 0),
+        "best": json.dumps({k: v for k, v in best.items() if k != "state"} if best else None),
     }
     ckpt.save_adapters(run.model, run.out / "checkpoint.safetensors", metadata=meta, extra_tensors=tensors)
 
@@ -184,6 +193,7 @@ class Trainer:
             self.pruner = MiMiPruner(budget=self.budget, rho=rho, method=self.cfg.score, seed=self.cfg.seed)
         self.acc = GradientAccumulator(run.model) if self.cfg.score == "gradient" and self.pruner else None
         self.summary: list[dict] = []
+        self.best: dict | None = None  # --select best-val: {"val_acc", "epoch", "state"} of this cycle
         self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
         self.writer = _tensorboard(run.out) if self.cfg.tensorboard else None
 
@@ -275,13 +285,19 @@ class Trainer:
                 **self._params(),
             )
             self._log_epoch(cycle, epoch + 1, n_epochs, stats)
+            if self.cfg.select == "best-val" and (self.best is None or val["acc"] > self.best["val_acc"]):
+                self.best = {
+                    "val_acc": val["acc"],
+                    "epoch": epoch + 1,
+                    "state": {n: t.clone() for n, t in ckpt.trained_state(self.run.model).items()},
+                }
             self.position = {
                 "cycle": cycle,
                 "epoch": epoch + 1,
                 "cycle_done": False,
                 "elapsed": time.perf_counter() - t0,
             }
-            save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc)
+            save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc, self.best)
 
     def _finish_cycle(self, cycle: int, opt, sched, t0: float) -> None:
         val, test = self._eval("val"), self._eval("test")
@@ -297,6 +313,8 @@ class Trainer:
             "target": self.pruner.history[-1]["target"] if self.pruner and self.pruner.history else None,
             "seconds": time.perf_counter() - t0,
         }
+        if self.best is not None:
+            entry["selected_epoch"] = self.best["epoch"]
         entry.update(self.run.method.extra_info(self.run.model))
         self.summary.append(entry)
         out = self.run.out
@@ -304,12 +322,22 @@ class Trainer:
             ckpt.save_adapters(self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors")
         atomic_write_json(out / "summary.json", self.summary)
         self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
-        save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc)
+        save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc, self.best)
         self.log(
             f"== cycle {cycle}: adapter params {entry['adapter_params']:,} | trainable {entry['trainable_params']:,} "
             f"({entry['pct_of_backbone']:.3f}% of backbone) | val {entry['val_acc']:.4f} | test {entry['test_acc']:.4f}"
         )
         _plots(out, self.summary, self.run.info)
+
+    def _restore_best(self) -> None:
+        """--select best-val: end the cycle with the weights of its best validation epoch."""
+        if self.best is None:
+            return
+        params = dict(self.run.model.named_parameters())
+        with torch.no_grad():
+            for name, t in self.best["state"].items():
+                params[name].copy_(t.to(params[name].device))
+        self.log(f"   selected epoch {self.best['epoch']} (val {self.best['val_acc']:.4f})")
 
     def fit(self, *, resume_state: dict | None = None) -> list[dict]:
         """Train cycle 0, then prune -> retrain until the budget is met (MiMi), or train once (other methods)."""
@@ -322,6 +350,7 @@ class Trainer:
                 resume_state["position"]["elapsed"],
             )
             if resume_state["position"]["cycle_done"]:
+                self.best = None  # the finished cycle's selection is already in the weights
                 cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
         while True:
             if cycle > 0 and start_epoch == 0 and opt_state is None:
@@ -338,9 +367,11 @@ class Trainer:
             opt, sched = self._optimizer(cycle, step, opt_state)
             if start_epoch == 0 and opt_state is None:
                 self.position = {"cycle": cycle, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
-                save_checkpoint(self.run, opt, 0, self.position, self.pruner, self.acc)
+                save_checkpoint(self.run, opt, 0, self.position, self.pruner, self.acc, self.best)
             self._train_cycle(cycle, start_epoch, opt, sched, t0)
+            self._restore_best()
             self._finish_cycle(cycle, opt, sched, t0)
+            self.best = None
             cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
             if self.pruner is None:
                 break
@@ -417,6 +448,10 @@ def resume(run_dir: str | Path, *, log=print) -> list[dict]:
             if f"__gradacc__.{name}.down" in tensors:
                 trainer.acc.grads[name] = (tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"])
         trainer.acc.steps = int(meta["gradacc_steps"])
+    best = json.loads(meta.get("best", "null"))
+    if best is not None:
+        best["state"] = {k.removeprefix("__best__."): v for k, v in tensors.items() if k.startswith("__best__.")}
+        trainer.best = best
     position = json.loads(meta["position"])
     summary_path = out / "summary.json"
     done_cycles = position["cycle"] + (1 if position["cycle_done"] else 0)
