@@ -171,6 +171,7 @@ def test_clear_errors(tmp_path, capsys, finished_run):
     assert "already holds a run" in capsys.readouterr().err
     assert main(_args(root, tmp_path / "y", "--method mimi --weights none")) == 2
     assert "needs a budget" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
     assert "--resume takes the run's own config" in capsys.readouterr().err

@@ -195,7 +195,7 @@ class Trainer:
         self.summary: list[dict] = []
         self.best: dict | None = None  # --select best-val: {"val_acc", "epoch", "state"} of this cycle
         self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
-        self.writer = _tensorboard(run.out) if self.cfg.tensorboard else None
+        self.writer = None  # TensorBoard, opened by fit() once the run folder exists
 
     # -- optimiser per cycle: rebuilt after every physical prune (new Parameters)
     def _optimizer(self, cycle: int, step: int = 0, state: dict | None = None):
@@ -341,6 +341,7 @@ class Trainer:
 
     def fit(self, *, resume_state: dict | None = None) -> list[dict]:
         """Train cycle 0, then prune -> retrain until the budget is met (MiMi), or train once (other methods)."""
+        self.writer = _tensorboard(self.run.out) if self.cfg.tensorboard else None
         cycle, start_epoch, opt_state, step, elapsed = 0, 0, None, 0, 0.0
         if resume_state is not None:
             cycle, start_epoch = resume_state["position"]["cycle"], resume_state["position"]["epoch"]
@@ -354,7 +355,10 @@ class Trainer:
                 cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
         while True:
             if cycle > 0 and start_epoch == 0 and opt_state is None:
-                if self.pruner is None or self.pruner.done(self.run.model) or cycle > self.cfg.max_cycles:
+                if self.pruner is None or self.pruner.done(self.run.model):
+                    break
+                if cycle > self.cfg.max_cycles:
+                    self.log(f"warning: stopped after --max-cycles {self.cfg.max_cycles} above the budget")
                     break
                 sizes = self.pruner.step(self.run.model, accumulator=self.acc)
                 if self.acc is not None:
@@ -406,9 +410,9 @@ def train(cfg: TrainConfig, *, log=print) -> list[dict]:
             f"{out} already holds a run; continue it with `mimi train --resume {out}` or pick another --out"
         )
     run = build_run(cfg)
+    trainer = Trainer(run, log=log)  # validates the budget before anything is written
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    trainer = Trainer(run, log=log)
     atomic_write_json(out / "run.json", {**run.info, "budget": trainer.budget})
     (out / "metrics.jsonl").write_text("")
     log(
