@@ -39,8 +39,9 @@ from .engine import (
     warmup_cosine,
 )
 from .errors import CheckpointError, ConfigError
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_json
 from .methods import Method, get_method
+from .run_state import optimizer_state, read_json, save_checkpoint, truncate_metrics
 from .schedule import MiMiPruner
 from .scores import GradientAccumulator
 from .shrink import apply_plan
@@ -131,49 +132,6 @@ def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
     if cfg.budget_dim is not None:
         return uniform_adapter_params(model, cfg.budget_dim)
     return cfg.budget_params
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = opt.state_dict()
-    tensors = {f"__optim__.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
-    return tensors, {
-        "param_groups": state["param_groups"],
-        "keys": {str(i): list(s) for i, s in state["state"].items()},
-    }
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {int(i): {k: tensors[f"__optim__.{i}.{k}"] for k in keys} for i, keys in meta["keys"].items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(
-    run: Run,
-    opt,
-    step: int,
-    position: dict,
-    pruner: MiMiPruner | None,
-    acc: GradientAccumulator | None,
-    best: dict | None = None,
-):
-    tensors, opt_meta = _optimizer_tensors(opt)
-    if best is not None:
-        tensors.update({f"__best__.{n}": t for n, t in best["state"].items()})
-    if acc is not None:
-        for name, (gd, gu) in acc.grads.items():
-            tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"] = gd, gu
-    meta = {
-        "position": json.dumps(position),
-        "optimizer": json.dumps(opt_meta),
-        "step": str(step),
-        "pruner": json.dumps(pruner.state_dict() if pruner else None),
-        "gradacc_steps": str(acc.steps if acc else 0),
-        "best": json.dumps({k: v for k, v in best.items() if k != "state"} if best else None),
-    }
-    ckpt.save_adapters(run.model, run.out / "checkpoint.safetensors", metadata=meta, extra_tensors=tensors)
 
 
 # ---------------------------------------------------------------- the run
@@ -459,30 +417,14 @@ def resume(run_dir: str | Path, *, log=print) -> list[dict]:
     position = json.loads(meta["position"])
     summary_path = out / "summary.json"
     done_cycles = position["cycle"] + (1 if position["cycle_done"] else 0)
-    trainer.summary = [e for e in _read_json(summary_path, []) if e["cycle"] < done_cycles]
-    _truncate_metrics(out / "metrics.jsonl", position)
-    opt_state = _optimizer_state({k: v.to(run.device) for k, v in tensors.items()}, json.loads(meta["optimizer"]))
+    trainer.summary = [e for e in read_json(summary_path, []) if e["cycle"] < done_cycles]
+    truncate_metrics(out / "metrics.jsonl", position)
+    opt_state = optimizer_state({k: v.to(run.device) for k, v in tensors.items()}, json.loads(meta["optimizer"]))
     log(
         f"resuming {out} at cycle {position['cycle']} epoch {position['epoch']}"
         + (" (cycle complete)" if position["cycle_done"] else "")
     )
     return trainer.fit(resume_state={"position": position, "optimizer": opt_state, "step": int(meta["step"])})
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
-def _truncate_metrics(path: Path, position: dict) -> None:
-    """Drop epoch lines written after the checkpoint (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if (rec["cycle"], rec["epoch"]) <= (position["cycle"], position["epoch"]):
-            keep.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors") -> Run:
