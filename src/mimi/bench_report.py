@@ -223,7 +223,7 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
         "",
         f"{len(ok)} runs ok, {len(failed)} failed; {len(groups)} groups, "
         f"{sum(len(t) for t in groups.values())} tasks; total wall time {wall / 3600:.2f} h. "
-        "Test top-1 accuracy (%) of the final model (selected on validation, never on test); "
+        "Test top-1 accuracy (%) of each run's final model (test is never used to select anything); "
         "params = trainable parameters without the classifier head, mean over tasks.",
         "",
         "## Per task",
