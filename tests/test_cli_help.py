@@ -1,0 +1,17 @@
+import pytest
+
+from mimi.cli import COMMANDS, _register_extra_commands, main
+
+_register_extra_commands()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"mimi {command}" in capsys.readouterr().out
+
+
+def test_all_jobs_are_commands():
+    assert {"train", "eval", "info", "methods", "data", "demo", "bench", "report"} <= set(COMMANDS)
