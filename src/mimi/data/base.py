@@ -445,3 +445,20 @@ def require_root(spec: str, root: Path | None, hint: str) -> Path:
     if not root.is_dir():
         raise DataError(f"{spec}: data root {root} does not exist; pass --data-root {hint}")
     return root
+
+
+def task_from_sources(
+    name: str,
+    splits: tuple[ImageSource, ImageSource, ImageSource],
+    opts: LoadOptions,
+    *,
+    num_classes: int,
+    classes: list[str] | None = None,
+    cache_dir: Path | None = None,
+) -> TaskData:
+    """A :class:`TaskData` from the (train, val, test) sources of one task, each made into a dataset."""
+    train, val, test = (
+        make_dataset(src, opts, desc=f"{name} {split}", cache_dir=cache_dir)
+        for src, split in zip(splits, ("train", "val", "test"))
+    )
+    return TaskData(name=name, train=train, val=val, test=test, num_classes=num_classes, classes=classes)

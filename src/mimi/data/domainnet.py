@@ -19,10 +19,10 @@ from .base import (
     TaskData,
     carve_val,
     check_files,
-    make_dataset,
     read_list_file,
     register_dataset,
     require_root,
+    task_from_sources,
 )
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -62,11 +62,6 @@ def build_domainnet(domain: str, *, root: Path | None, trainval: bool, opts: Loa
             raise DataError(f"{name}: label {max(split.labels)} outside DomainNet's 0..{NUM_CLASSES - 1}")
     train, val = carve_val(full_train, opts, trainval)
     cache_dir = root / ".cache"
-    return TaskData(
-        name=name,
-        train=make_dataset(train, opts, desc=f"{name} train", cache_dir=cache_dir),
-        val=make_dataset(val, opts, desc=f"{name} val", cache_dir=cache_dir),
-        test=make_dataset(test, opts, desc=f"{name} test", cache_dir=cache_dir),
-        num_classes=NUM_CLASSES,
-        classes=_class_names(full_train),
+    return task_from_sources(
+        name, (train, val, test), opts, num_classes=NUM_CLASSES, classes=_class_names(full_train), cache_dir=cache_dir
     )

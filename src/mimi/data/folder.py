@@ -14,7 +14,7 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError
-from .base import FileSource, LoadOptions, TaskData, carve_val, make_dataset, register_dataset
+from .base import FileSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
 
 
 def _scan(split_dir: Path, classes: list[str], name: str) -> FileSource:
@@ -63,11 +63,6 @@ def build_folder(path: str, *, root: Path | None, trainval: bool, opts: LoadOpti
         train, val = carve_val(train, opts, trainval)
     test = _scan(base / "test", classes, name)
     cache_dir = base / ".cache"
-    return TaskData(
-        name=name,
-        train=make_dataset(train, opts, desc=f"{name} train", cache_dir=cache_dir),
-        val=make_dataset(val, opts, desc=f"{name} val", cache_dir=cache_dir),
-        test=make_dataset(test, opts, desc=f"{name} test", cache_dir=cache_dir),
-        num_classes=len(classes),
-        classes=classes,
+    return task_from_sources(
+        name, (train, val, test), opts, num_classes=len(classes), classes=classes, cache_dir=cache_dir
     )

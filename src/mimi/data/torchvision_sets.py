@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .base import ImageSource, LoadOptions, TaskData, carve_val, make_dataset, register_dataset
+from .base import ImageSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
 
 
 class TorchvisionSource(ImageSource):
@@ -138,13 +138,8 @@ def build_torchvision(name: str, arg: str, *, root: Path | None, trainval: bool,
         classes = [str(d) for d in range(10)]  # torchvision already maps SVHN's label 10 to digit 0
     num_classes = len(classes) if classes else max(max(s.labels, default=-1) for s in (train, val, test)) + 1
     # torchvision already holds these arrays in memory or on disk in its own form: no .npy cache.
-    return TaskData(
-        name=name,
-        train=make_dataset(train, opts, desc=f"{name} train"),
-        val=make_dataset(val, opts, desc=f"{name} val"),
-        test=make_dataset(test, opts, desc=f"{name} test"),
-        num_classes=num_classes,
-        classes=list(classes) if classes else None,
+    return task_from_sources(
+        name, (train, val, test), opts, num_classes=num_classes, classes=list(classes) if classes else None
     )
 
 

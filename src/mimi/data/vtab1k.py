@@ -18,10 +18,10 @@ from .base import (
     LoadOptions,
     TaskData,
     check_files,
-    make_dataset,
     read_list_file,
     register_dataset,
     require_root,
+    task_from_sources,
 )
 
 #: The 19 task folders of the common layout.
@@ -134,11 +134,6 @@ def build_vtab1k(task: str, *, root: Path | None, trainval: bool, opts: LoadOpti
         check_files(split, name)
     num_classes, classes = _classes(task_dir, [train, val, test])
     cache_dir = task_dir / ".cache"
-    return TaskData(
-        name=name,
-        train=make_dataset(train, opts, desc=f"{name} train", cache_dir=cache_dir),
-        val=make_dataset(val, opts, desc=f"{name} val", cache_dir=cache_dir),
-        test=make_dataset(test, opts, desc=f"{name} test", cache_dir=cache_dir),
-        num_classes=num_classes,
-        classes=classes,
+    return task_from_sources(
+        name, (train, val, test), opts, num_classes=num_classes, classes=classes, cache_dir=cache_dir
     )
