@@ -57,3 +57,21 @@ def test_load_rejects_other_architecture_and_bad_files(tmp_path):
         mimi.load_adapters(MODELS["vit"](), tmp_path / "missing.safetensors")
     with pytest.raises(mimi.CheckpointError, match="already holds adapters"):
         mimi.load_adapters(model, path)
+
+
+def test_half_precision_storage_halves_the_file_and_reloads_close(tmp_path):
+    torch.manual_seed(0)
+    model = MODELS["vit"]().eval()
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head")}
+    mimi.add_adapters(model, mimi.AdapterConfig(hidden_dim=8))
+    randomize_adapters(model)
+    full = mimi.save_adapters(model, tmp_path / "fp32.safetensors")
+    half = mimi.save_adapters(model, tmp_path / "fp16.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    assert mimi.read_metadata(half)["stored_dtype"] == "float16"
+    bare = MODELS["vit"]().eval()
+    bare.load_state_dict(backbone, strict=False)
+    mimi.load_adapters(bare, half)
+    assert all(p.dtype == torch.float32 for p in bare.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(bare(x), model(x), atol=1e-2)

@@ -219,3 +219,11 @@ def test_select_best_val_and_resume(tmp_path, finished_run):
         main(_args(root, cut, extra))
     assert main(["train", "--resume", str(cut)]) == 0
     assert _same_tensors(full / "adapters.safetensors", cut / "adapters.safetensors")
+
+
+def test_export_float16(finished_run, tmp_path, capsys):
+    _, out = finished_run
+    assert main(["export", str(out), "--out", str(tmp_path / "task.safetensors")]) == 0
+    size = (tmp_path / "task.safetensors").stat().st_size
+    assert size < 0.75 * (out / "adapters.safetensors").stat().st_size
+    assert "float16" in capsys.readouterr().out

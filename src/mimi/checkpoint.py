@@ -42,6 +42,7 @@ def save_adapters(
     *,
     metadata: dict[str, str] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the trained tensors of ``model`` (never the frozen backbone) as a safetensors file.
 
@@ -51,6 +52,8 @@ def save_adapters(
         metadata: extra string entries to store (e.g. the backbone name).
         extra_tensors: more tensors to store under their own names (e.g. optimizer state of a resumable
             checkpoint); they must not clash with parameter names and are ignored by :func:`load_adapters`.
+        dtype: store the trained floating-point tensors in this dtype (e.g. ``torch.float16`` halves the
+            file; loading casts back to the model's dtype). Default: as trained, so logits reload exactly.
 
     Returns:
         The path written.
@@ -66,6 +69,9 @@ def save_adapters(
     }
     meta.update(metadata or {})
     tensors = trained_state(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        meta["stored_dtype"] = str(dtype).removeprefix("torch.")
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 

@@ -167,6 +167,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a run folder written by `mimi train`")
+    p.add_argument("--out", type=Path, required=True, help="destination .safetensors file")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float16",
+        help="storage dtype of the trained tensors (default: float16, half the bytes)",
+    )
+    p.add_argument("--weights", default="adapters.safetensors", help="file in the run folder to export")
+
+
+@command("export", "write a run's task checkpoint in a smaller storage dtype (e.g. float16)", _export_setup)
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import save_adapters
+    from .trainer import load_run
+
+    run = load_run(args.run_dir, weights=args.weights)
+    path = save_adapters(run.model, args.out, dtype=getattr(torch, args.dtype), metadata={"model": run.cfg.model})
+    before = (args.run_dir / args.weights).stat().st_size
+    print(f"{path}: {path.stat().st_size:,} bytes ({args.dtype}; {before:,} bytes as trained)")
+    return 0
+
+
 @command("methods", "list the training methods", lambda p: None)
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
