@@ -95,13 +95,13 @@ def test_budget_larger_than_model_is_a_no_op_and_zero_removes_all():
 
 def test_prune_slices_the_right_weights():
     model = _adapted(h=6)
-    name, a = mimi.adapters(model)[0]
-    down, up = a.down.weight.detach().clone(), a.up.weight.detach().clone()
+    before = {n: (a.down.weight.detach().clone(), a.up.weight.detach().clone()) for n, a in mimi.adapters(model)}
     mimi.prune(model, budget=mimi.adapter_param_count(model) // 2)
-    a = dict(mimi.adapters(model)).get(name)
-    if a is not None:
+    alive = mimi.adapters(model)
+    assert alive
+    for name, a in alive:
         ids = a.neuron_ids
-        assert torch.equal(a.down.weight, down[ids]) and torch.equal(a.up.weight, up[:, ids])
+        assert torch.equal(a.down.weight, before[name][0][ids]) and torch.equal(a.up.weight, before[name][1][:, ids])
 
 
 @pytest.mark.parametrize("budget", [-1, 1.5, "10"])
