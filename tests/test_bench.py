@@ -77,6 +77,9 @@ def test_bench_runs_every_method_and_report_renders(tmp_path):
         (out / "report.html").is_file() and (out / "pareto_mean.png").is_file() and (out / "pareto_toy.png").is_file()
     )
     assert (out / "mimi_sizes.png").is_file()
+    assert "## At the same budget" in md and "## MiMi ablation" in md
+    ablation = md.split("## MiMi ablation")[1].split("##")[0]
+    assert all(f"| {score} |" in ablation for score in ("mimi", "random", "gradient", "magnitude", "mimi, one-shot"))
 
 
 def test_failures_are_recorded_not_dropped(tmp_path):
@@ -90,3 +93,45 @@ def test_failures_are_recorded_not_dropped(tmp_path):
     assert recs["toy2__broken__s0"]["status"] == "failed" and "no such task folder" in recs["toy2__broken__s0"]["error"]
     md = (tmp_path / "results" / "report" / "report.md").read_text()
     assert "Failed runs" in md and rec["id"] in md
+
+
+def _rec(task, label, method, acc, params, cycles=(), **cfg):
+    return {
+        "budget": params if "budget_dim" in cfg else None,
+        "cycles": [{"cycle": 0}, *cycles, {"cycle": len(cycles) + 1}],
+        "id": f"{task}__{label}",
+        "task": task,
+        "group": "g",
+        "label": label,
+        "status": "ok",
+        "test_acc": acc,
+        "grid": {},
+        "config": {"method": method, **cfg},
+        "params": {"trainable_without_head": params, "trainable": params + 10, "adapter": params, "head": 10},
+    }
+
+
+def test_budget_and_ablation_tables_compare_on_shared_tasks():
+    from mimi.bench_report import ablation_table, budget_table
+
+    on_the_way = {"cycle": 1, "adapter_params": 1990, "trainable_params": 2000, "test_acc": 0.85}
+    recs = [
+        _rec("a", "mimi", "mimi", 0.80, 1000, cycles=[on_the_way], budget_dim=4),
+        _rec("b", "mimi", "mimi", 0.60, 1000, budget_dim=4),
+        _rec("a", "adapter", "adapter", 0.70, 1010, adapter_dim=4),
+        _rec("b", "adapter", "adapter", 0.65, 1010, adapter_dim=4),
+        _rec("c", "adapter", "adapter", 0.99, 1010, adapter_dim=4),  # no MiMi on c: not compared
+        _rec("a", "rand", "mimi", 0.50, 1000, budget_dim=4, score="random"),
+        _rec("a", "big", "adapter", 0.90, 9000, adapter_dim=32),  # alone at its budget: no row
+        _rec("a", "mid", "adapter", 0.82, 2000, adapter_dim=8),  # MiMi passed through 1990 <= 2000 params
+        _rec("a", "bitfit", "bitfit", 0.75, 50),  # no budget knob: not in the budget table
+    ]
+    rows = budget_table(recs)
+    assert [r[:2] for r in rows[1:3]] == [["8", "mimi (cycle 1 of a longer run)"], ["8", "mid"]]
+    assert rows[1][2:5] == ["2.0k", "1", "85.00"] and rows[2][5:] == ["85.00", "-3.00 (0/1)"]
+    assert rows[3][:2] == ["4", "mimi"] and len(rows) == 5
+    adapter = rows[4]
+    assert adapter[1:] == ["adapter", "1.0k", "2", "67.50", "70.00", "-2.50 (1/1)"]
+    abl = ablation_table(recs)
+    assert [r[0] for r in abl[1:]] == ["mimi", "random"]
+    assert abl[2][2:] == ["1", "50.00", "80.00", "-30.00 (0/1)"]

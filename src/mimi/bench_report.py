@@ -38,6 +38,26 @@ def variant(rec: dict) -> str:
     return f"{rec['label']} {grid}".strip()
 
 
+SIZE_KEYS = ("adapter_dim", "budget_dim", "budget_params")
+
+
+def line_key(rec: dict) -> str:
+    """A plot line: the method label plus its swept values other than the size (one line per score, say)."""
+    rest = " ".join(f"{k.replace('_', '')}={v}" for k, v in rec.get("grid", {}).items() if k not in SIZE_KEYS)
+    return f"{rec['label']} {rest}".strip()
+
+
+def size_r(rec: dict) -> int | None:
+    """The budget a run was sized by, as a uniform-adapter hidden size r: its budget_dim, or a plain
+    adapter's own hidden size. None for methods with no such knob (linear, BitFit, VPT, ...)."""
+    cfg = rec.get("config", {})
+    if cfg.get("budget_dim") is not None:
+        return int(cfg["budget_dim"])
+    if cfg.get("method") == "adapter" and cfg.get("adapter_dim") is not None:
+        return int(cfg["adapter_dim"])
+    return None
+
+
 def _short(task: str) -> str:
     return task.split(":")[-1]
 
@@ -120,6 +140,107 @@ def group_table(agg: dict, groups: dict[str, list[str]]) -> list[list[str]]:
     return rows
 
 
+def _task_accs(recs: list[dict]) -> dict[str, float]:
+    """task -> test accuracy (%), mean over seeds."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        by_task[r["task"]].append(100 * r["test_acc"])
+    return {t: statistics.mean(a) for t, a in by_task.items()}
+
+
+def _compare_rows(named: dict[str, list[dict]], ref: str | None) -> list[list[str]]:
+    """Rows ``name, params, tasks, mean, ref's mean, gap``: each entry against the reference on the tasks
+    both ran (all of its tasks where there is no reference)."""
+    accs = {n: _task_accs(rs) for n, rs in named.items()}
+    rows = []
+    for n, rs in named.items():
+        params = statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
+        tasks = sorted(set(accs[n]) & set(accs[ref])) if ref in accs else sorted(accs[n])
+        mean = statistics.mean(accs[n][t] for t in tasks) if tasks else None
+        ref_mean, gap = "–", "–"
+        if ref in accs and n != ref and tasks:
+            d = [accs[n][t] - accs[ref][t] for t in tasks]
+            ref_mean = f"{statistics.mean(accs[ref][t] for t in tasks):.2f}"
+            gap = f"{statistics.mean(d):+.2f} ({sum(x > 0 for x in d)}/{sum(x < 0 for x in d)})"
+        rows.append([n, human(params), str(len(tasks)), f"{mean:.2f}" if mean is not None else "–", ref_mean, gap])
+    return rows
+
+
+def _is_mimi(rec: dict) -> bool:
+    cfg = rec.get("config", {})
+    return cfg.get("method") == "mimi" and cfg.get("score", "mimi") == "mimi"
+
+
+def _cycle_points(ok: list[dict], budget: int, slack: float) -> list[dict]:
+    """MiMi at a budget it was not run to: the cycle of a run to a smaller budget whose adapter parameters
+    are at most ``budget`` and at least ``(1 - slack) * budget`` (the schedule passes through it), as a record."""
+    points = []
+    for r in ok:
+        if not _is_mimi(r) or (r.get("budget") or 0) >= budget:
+            continue
+        for c in r.get("cycles", [])[1:-1]:
+            if (1 - slack) * budget <= c["adapter_params"] <= budget:
+                head = r["params"].get("head") or 0
+                points.append(
+                    {
+                        **r,
+                        "label": f"{r['label']} (cycle {c['cycle']} of a longer run)",
+                        "test_acc": c["test_acc"],
+                        "params": {"trainable_without_head": c["trainable_params"] - head, "trainable": None},
+                    }
+                )
+                break
+    return points
+
+
+def budget_table(ok: list[dict], slack: float = 0.02) -> list[list[str]]:
+    """Methods sized by the same budget, side by side, each against MiMi on the tasks both ran.
+
+    Where MiMi was not run to a budget, the cycle of a MiMi run to a smaller budget that lands within
+    ``slack`` below it stands in (with as many epochs as a run to that budget would spend)."""
+    by_r: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    budgets: dict[int, int] = {}
+    for r in ok:
+        cfg = r.get("config", {})
+        if size_r(r) is not None and cfg.get("score", "mimi") == "mimi":
+            by_r[size_r(r)][r["label"]].append(r)
+            budget = r.get("budget") or (r["params"].get("adapter") if cfg.get("method") == "adapter" else None)
+            if budget:
+                budgets.setdefault(size_r(r), budget)
+    for rr, named in by_r.items():
+        if not any(_is_mimi(rs[0]) for rs in named.values()) and rr in budgets:
+            for point in _cycle_points(ok, budgets[rr], slack):
+                named[point["label"]].append(point)
+    rows = [
+        ["budget r", "method", "params (no head)", "tasks", "mean test acc", "mimi, same tasks", "gap (above/below)"]
+    ]
+    for rr in sorted(by_r, reverse=True):
+        named = dict(sorted(by_r[rr].items(), key=lambda kv: (not _is_mimi(kv[1][0]), kv[0])))
+        ref = next((n for n, rs in named.items() if _is_mimi(rs[0])), None)
+        if len(named) > 1:
+            rows += [[str(rr)] + row for row in _compare_rows(named, ref)]
+    return rows
+
+
+def ablation_table(ok: list[dict]) -> list[list[str]]:
+    """MiMi's scores and its one-shot variant at the budget where they were all run (the ablation)."""
+    by_r: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        cfg = r.get("config", {})
+        if cfg.get("method") in ("mimi", "mimi-oneshot") and size_r(r) is not None:
+            name = f"{cfg.get('score', 'mimi')}" + (", one-shot" if cfg["method"] == "mimi-oneshot" else "")
+            by_r[size_r(r)][name].append(r)
+    if not by_r:
+        return []
+    rr = max(by_r, key=lambda k: (len(by_r[k]), k))
+    if len(by_r[rr]) < 2:
+        return []
+    named = dict(sorted(by_r[rr].items(), key=lambda kv: (kv[0] != "mimi", kv[0])))
+    return [
+        ["score", "params (no head)", "tasks", "mean test acc", "mimi, same tasks", "gap (above/below)"]
+    ] + _compare_rows(named, "mimi")
+
+
 def _md(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -134,13 +255,13 @@ def _html(rows: list[list[str]]) -> str:
 
 def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     """Accuracy vs trainable parameters (log x): one line per method label; MiMi cycles dotted."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     ok = [r for r in recs if r["status"] == "ok"]
     by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     if task is not None:
         for r in ok:
             if r["task"] == task:
-                by_label[r["label"]].append(
+                by_label[line_key(r)].append(
                     (r["params"]["trainable_without_head"] or r["params"]["trainable"], 100 * r["test_acc"])
                 )
     else:  # mean over tasks, only for variants that ran on every task
@@ -148,7 +269,7 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
         n_tasks = len({r["task"] for r in ok})
         for v, cells in agg.items():
             if len(cells) == n_tasks:
-                label = next(r["label"] for r in ok if variant(r) == v)
+                label = next(line_key(r) for r in ok if variant(r) == v)
                 by_label[label].append(
                     (
                         statistics.mean(c["params"] for c in cells.values()),
@@ -158,7 +279,10 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     for i, (label, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="os^vD<>ph*"[i % 10], linestyle="-" if len(pts) > 1 else "none", label=label)
+        style = dict(color=plt.cm.tab20(i % 20), marker="os^vD<>ph*P"[i % 11], markersize=6, linewidth=1.2)
+        if label == "mimi":  # the method of this project: drawn on top, thicker
+            style.update(color="black", marker="*", markersize=11, linewidth=2.2, zorder=5)
+        ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", label=label, **style)
     if task is not None:
         for r in ok:
             if r["task"] == task and len(r.get("cycles", [])) > 1:
@@ -171,7 +295,7 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     ax.set_title(_short(task) if task else "mean over tasks")
     ax.grid(True, which="both", alpha=0.3)
     if by_label:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
@@ -217,6 +341,7 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
             plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
     sizes = plot_mimi_sizes(ok, out / "mimi_sizes.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
+    btable, atable = budget_table(ok), ablation_table(ok)
     wall = sum(r.get("wall_seconds", 0) for r in recs)
     lines = [
         "# Benchmark report",
@@ -234,6 +359,29 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
         "",
         _md(gtable),
         "",
+    ]
+    if len(btable) > 1:
+        lines += [
+            "## At the same budget",
+            "",
+            "Methods sized by the same budget r (the parameter count of uniform adapters of hidden size r). "
+            "Each method is compared with MiMi on the tasks both ran: its mean test accuracy, MiMi's on those "
+            "tasks, the mean gap, and the number of tasks where the method is above / below MiMi.",
+            "",
+            _md(btable),
+            "",
+        ]
+    if atable:
+        lines += [
+            "## MiMi ablation: neuron scores and one-shot pruning",
+            "",
+            "The same schedule with each neuron score, and one cut straight to the budget (one-shot), "
+            "each against the default `mimi` score on the tasks both ran.",
+            "",
+            _md(atable),
+            "",
+        ]
+    lines += [
         "## Accuracy vs trainable parameters",
         "",
     ] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -244,7 +392,10 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
     md = atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     body = (
         f"<h1>Benchmark report</h1><p>{html.escape(lines[2])}</p><h2>Per task</h2>{_html(table)}"
-        f"<h2>Per group</h2>{_html(gtable)}<h2>Plots</h2>"
+        f"<h2>Per group</h2>{_html(gtable)}"
+        + (f"<h2>At the same budget</h2>{_html(btable)}" if len(btable) > 1 else "")
+        + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
+        + "<h2>Plots</h2>"
         + "".join(f'<img src="{p.name}" style="max-width:48%">' for p in plots + ([sizes] if sizes else []))
     )
     style = "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>"
