@@ -135,3 +135,25 @@ def test_budget_and_ablation_tables_compare_on_shared_tasks():
     abl = ablation_table(recs)
     assert [r[0] for r in abl[1:]] == ["mimi", "random"]
     assert abl[2][2:] == ["1", "50.00", "80.00", "-30.00 (0/1)"]
+
+
+def test_runs_finished_by_another_worker_meanwhile_are_skipped(tmp_path, monkeypatch):
+    import mimi.bench as bench
+
+    root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
+    spec_path = _spec(tmp_path, root, [{"label": "linear", "method": "linear"}])
+    started = []
+
+    def fake_run_one(run, results, log=print):  # "another worker" finishes every other run meanwhile
+        started.append(run.id)
+        rec = {"id": run.id, "status": "ok", "test_acc": 0.5, "wall_seconds": 0.0}
+        for other in BenchSpec.load(spec_path).expand():
+            (results / f"{other.id}.json").write_text(json.dumps({**rec, "id": other.id}))
+        return rec
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["seeds"], spec["groups"] = [0, 1, 2], {"natural": ["vtab1k:toy"]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(spec_path), "--quiet", "--no-report"]) == 0
+    assert len(BenchSpec.load(spec_path).expand()) == 3 and started == ["toy__linear__s0"]

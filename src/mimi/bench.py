@@ -215,8 +215,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{spec.name}: {len(runs)} runs in shard {i}/{n}, {len(done)} already done")
     failed = 0
     for k, run in enumerate(runs):
-        if run.id in done:
-            continue
+        if run.id in done or (not args.dry_run and _status(results / f"{run.id}.json") == "ok"):
+            continue  # done before this sweep started, or since by another worker sharing the results folder
         if args.dry_run:
             print(f"  todo {run.id}")
             continue
