@@ -314,15 +314,19 @@ def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
     runs = list(first.values())
     layout = runs[0]["layout"]
     grid, rows, _ = _block_grid([{"sizes": r["cycles"][-1]["sizes"], "cycle": 0} for r in runs], layout)
+    sizes = {size_r(r) for r in runs}
+    same = len(sizes) == 1 and len({r["label"] for r in runs}) == 1
     return save_size_grid(
         grid,
         rows,
-        [_short(r["task"]) for r in runs],
+        [_short(r["task"]) if same else f"{_short(r['task'])} ({variant(r)})" for r in runs],
         path,
         xlabel="task",
         col_width=0.8,
         rotate=True,
-        title=f"adapter sizes found by {runs[0]['label']} ({variant(runs[0])})",
+        title=f"adapter sizes found by {variant(runs[0])}"
+        if same
+        else "adapter sizes found by MiMi, smallest budget per task",
     )
 
 
