@@ -32,9 +32,9 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     return recs
 
 
-def variant(rec: dict) -> str:
-    """Method label plus its swept values, e.g. 'mimi budgetdim=8'."""
-    grid = " ".join(f"{k.replace('_', '')}={v}" for k, v in rec.get("grid", {}).items())
+def variant(rec: dict, skip: tuple[str, ...] = ()) -> str:
+    """Method label plus its swept values (those not in ``skip``), e.g. 'mimi budgetdim=8'."""
+    grid = " ".join(f"{k.replace('_', '')}={v}" for k, v in rec.get("grid", {}).items() if k not in skip)
     return f"{rec['label']} {grid}".strip()
 
 
@@ -43,8 +43,7 @@ SIZE_KEYS = ("adapter_dim", "budget_dim", "budget_params")
 
 def line_key(rec: dict) -> str:
     """A plot line: the method label plus its swept values other than the size (one line per score, say)."""
-    rest = " ".join(f"{k.replace('_', '')}={v}" for k, v in rec.get("grid", {}).items() if k not in SIZE_KEYS)
-    return f"{rec['label']} {rest}".strip()
+    return variant(rec, skip=SIZE_KEYS)
 
 
 def size_r(rec: dict) -> int | None:
