@@ -11,6 +11,7 @@ from .adapters import (
     remove_adapter,
 )
 from .checkpoint import load_adapters, read_metadata, save_adapters
+from .deploy import AdapterBank
 from .errors import BackboneError, CheckpointError, ConfigError, DataError, MimiError, ModelError
 from .schedule import MiMiPruner
 from .scores import SCORES, GradientAccumulator, score_neurons
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterBank",
     "AdapterConfig",
     "BackboneError",
     "CheckpointError",

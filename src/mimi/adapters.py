@@ -210,6 +210,65 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _is_block(m)]
 
 
+@dataclass(frozen=True)
+class AdapterSite:
+    """Where one adapter goes: the block attribute it wraps and the widths it reads and writes.
+
+    Attributes:
+        name: the adapter's module name once inserted (``<block>.<slot>.adapter``), as in checkpoints.
+        block: the transformer block's module name.
+        role: "attn" or "mlp".
+        slot: the block attribute that is wrapped (``attn``/``mlp``, or ``ls1``/``ls2`` after a LayerScale).
+        in_dim: width the adapter reads (the branch output when sequential, its input when parallel).
+        out_dim: width the adapter writes (the branch output).
+    """
+
+    name: str
+    block: str
+    role: str
+    slot: str
+    in_dim: int
+    out_dim: int
+
+
+def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[AdapterSite]:
+    """Every site ``config`` puts an adapter on in ``model`` (a bare backbone), in model order.
+
+    Raises:
+        ModelError: if the model has no transformer block with ``attn`` and ``mlp``.
+    """
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ModelError(
+            f"{type(model).__name__} has no transformer block with 'attn' and 'mlp' submodules; "
+            "use a ViT-family timm model (vit_*, deit_*, swin_*, ...)"
+        )
+    sites = []
+    for block_name, block in blocks:
+        for role in config.targets:
+            in_dim, out_dim = _branch_dims(block, role)
+            if config.placement == "sequential":
+                in_dim = out_dim  # the adapter reads the branch output
+            slot = _slot(block, role, config.placement)
+            prefix = f"{block_name}.{slot}" if block_name else slot
+            sites.append(AdapterSite(f"{prefix}.adapter", block_name, role, slot, in_dim, out_dim))
+    return sites
+
+
+def new_adapter(site: AdapterSite, config: AdapterConfig, hidden_dim: int, generator=None) -> Adapter:
+    """An :class:`Adapter` for ``site`` built as ``config`` says, with the given hidden size."""
+    return Adapter(
+        site.in_dim,
+        site.out_dim,
+        hidden_dim,
+        act=config.act,
+        bias=config.bias,
+        scale=config.scale,
+        dropout=config.dropout,
+        generator=generator,
+    )
+
+
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Insert adapters into every transformer block and freeze all but adapters and the classifier head.
 
@@ -225,34 +284,18 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if adapters(model):
         raise ModelError("the model already holds adapters; build a fresh backbone before add_adapters")
-    blocks = find_blocks(model)
-    if not blocks:
-        raise ModelError(
-            f"{type(model).__name__} has no transformer block with 'attn' and 'mlp' submodules; "
-            "use a ViT-family timm model (vit_*, deit_*, swin_*, ...)"
-        )
     generator = None
     if config.init_seed is not None:
         generator = torch.Generator().manual_seed(config.init_seed)
-    for _, block in blocks:
-        for role in config.targets:
-            in_dim, out_dim = _branch_dims(block, role)
-            if config.placement == "sequential":
-                in_dim = out_dim  # the adapter reads the branch output
-            ref = next(block.parameters())
-            adapter = Adapter(
-                in_dim,
-                out_dim,
-                config.hidden_for(out_dim),
-                act=config.act,
-                bias=config.bias,
-                scale=config.scale,
-                dropout=config.dropout,
-                generator=generator,
-            ).to(device=ref.device, dtype=ref.dtype)
-            slot = _slot(block, role, config.placement)
-            wrapped = AdaptedBranch(getattr(block, slot), adapter, role=role, placement=config.placement, config=config)
-            setattr(block, slot, wrapped)
+    for site in adapter_sites(model, config):
+        block = model.get_submodule(site.block)
+        ref = next(block.parameters())
+        adapter = new_adapter(site, config, config.hidden_for(site.out_dim), generator)
+        adapter = adapter.to(device=ref.device, dtype=ref.dtype)
+        wrapped = AdaptedBranch(
+            getattr(block, site.slot), adapter, role=site.role, placement=config.placement, config=config
+        )
+        setattr(block, site.slot, wrapped)
     freeze_backbone(model, train_norms=config.train_norms)
     return model
 

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import AdapterConfig, adapter_config, adapters, add_adapters, freeze_backbone
-from .errors import CheckpointError
+from .errors import CheckpointError, ModelError
 from .io_utils import atomic_write
+from .methods.lora import apply_lora_layout, lora_layout
 from .shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
@@ -67,6 +68,15 @@ def save_adapters(
         "trainable": json.dumps(sorted(trained_state(model))),
         "head": json.dumps(head_param_names(model)),
     }
+    arch = model_architecture(model)
+    if arch:
+        meta["architecture"] = arch  # lets a bank refuse a task made for another backbone even when shapes agree
+    fp = backbone_fingerprint(model)
+    if fp:
+        meta["backbone_fingerprint"] = fp
+    layout = lora_layout(model)
+    if layout:
+        meta["lora"] = json.dumps(layout)  # per-layer rank and alpha: uneven ranks reload from the file alone
     meta.update(metadata or {})
     tensors = trained_state(model)
     if dtype is not None:
@@ -74,6 +84,24 @@ def save_adapters(
         meta["stored_dtype"] = str(dtype).removeprefix("torch.")
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def model_architecture(model: nn.Module) -> str | None:
+    """The timm architecture a model was built as (``vit_small_patch14_dinov2``), when timm recorded it."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    return cfg.get("architecture") if isinstance(cfg, dict) else None
+
+
+def backbone_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the frozen patch-embedding weights: tells which pretrained weights a task was trained on."""
+    import hashlib
+
+    pe = getattr(model, "patch_embed", None)
+    weight = getattr(getattr(pe, "proj", None), "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -102,8 +130,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     """Restore an adapted model from a bare backbone and a file written by :func:`save_adapters`.
 
     The backbone must be the same architecture (and pretrained weights) as the one trained. Adapters
-    are inserted with the saved config, shrunk to the saved sizes (absent ones removed), the head is
-    resized to the saved number of classes, and the saved tensors are loaded strictly.
+    are inserted with the saved config, shrunk to the saved sizes (absent ones removed), LoRA layers
+    are wrapped with their saved ranks, the head is resized to the saved number of classes, and the
+    saved tensors are loaded strictly.
 
     Returns:
         The same model, modified in place.
@@ -123,6 +152,11 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         if not set(sizes) <= present:
             raise CheckpointError(f"{path}: adapters {sorted(set(sizes) - present)[:3]} do not exist in this backbone")
         apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
+    elif "lora" in meta:
+        try:
+            apply_lora_layout(model, json.loads(meta["lora"]))
+        except ModelError as e:
+            raise CheckpointError(f"{path}: {e} (the file was made for another architecture?)") from e
     else:
         freeze_backbone(model)
     return restore_trained(model, path, meta=meta, tensors=tensors)

@@ -169,7 +169,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _export_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="a run folder written by `mimi train`")
-    p.add_argument("--out", type=Path, required=True, help="destination .safetensors file")
+    p.add_argument("--out", type=Path, help="destination task file (.safetensors): the adapters and head only")
+    p.add_argument(
+        "--onnx", type=Path, metavar="OUT.onnx", help="also (or only) write backbone + adapters + head as ONNX"
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
@@ -179,17 +183,30 @@ def _export_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="adapters.safetensors", help="file in the run folder to export")
 
 
-@command("export", "write a run's task checkpoint in a smaller storage dtype (e.g. float16)", _export_setup)
+@command("export", "write a run's task file (e.g. float16) and/or the whole model as ONNX", _export_setup)
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import save_adapters
-    from .trainer import load_run
+    from .trainer import load_run, task_metadata
 
+    if args.out is None and args.onnx is None:
+        raise ConfigError("nothing to export: pass --out FILE.safetensors and/or --onnx FILE.onnx")
+    if args.onnx is not None and args.onnx.suffix != ".onnx":
+        raise ConfigError(f"--onnx {args.onnx}: the file name must end in .onnx")
     run = load_run(args.run_dir, weights=args.weights)
-    path = save_adapters(run.model, args.out, dtype=getattr(torch, args.dtype), metadata={"model": run.cfg.model})
-    before = (args.run_dir / args.weights).stat().st_size
-    print(f"{path}: {path.stat().st_size:,} bytes ({args.dtype}; {before:,} bytes as trained)")
+    if args.out is not None:
+        path = save_adapters(run.model, args.out, dtype=getattr(torch, args.dtype), metadata=task_metadata(run))
+        before = (args.run_dir / args.weights).stat().st_size
+        print(f"{path}: {path.stat().st_size:,} bytes ({args.dtype}; {before:,} bytes as trained)")
+    if args.onnx is not None:
+        from .deploy.onnx_export import export_onnx
+
+        res = export_onnx(run.model, args.onnx, img_size=run.info["img_size"], opset=args.opset)
+        print(
+            f"{res['path']}: {res['bytes']:,} bytes, opset {res['opset']}, dynamic batch; "
+            f"onnxruntime vs PyTorch max |diff| {res['max_abs_diff']:.2e}"
+        )
     return 0
 
 
@@ -263,7 +280,7 @@ def _register_extra_commands() -> None:
     """Commands living in their own modules (demo, bench, report) register themselves on import."""
     import importlib
 
-    for module in ("mimi.demo", "mimi.bench"):
+    for module in ("mimi.demo", "mimi.bench", "mimi.deploy.predict"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

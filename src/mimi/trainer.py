@@ -65,6 +65,20 @@ class Run:
         return Path(self.cfg.out)
 
 
+def task_metadata(run: Run) -> dict[str, str]:
+    """What a task file records beside its tensors, so that it can be served without the run folder."""
+    meta = {
+        "method": run.cfg.method,
+        "model": run.cfg.model,
+        "weights_source": str(run.info.get("weights_source", "")),
+        "img_size": str(run.info.get("img_size", "")),
+        "data": run.task.name,
+    }
+    if run.task.classes:
+        meta["classes"] = json.dumps(list(run.task.classes))
+    return meta
+
+
 def steps_per_epoch(cfg: TrainConfig, task: TaskData) -> int:
     return math.ceil(len(task.train) / cfg.batch_size)
 
@@ -277,7 +291,9 @@ class Trainer:
         self.summary.append(entry)
         out = self.run.out
         if self.cfg.save_cycles:
-            ckpt.save_adapters(self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors")
+            ckpt.save_adapters(
+                self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors", metadata=task_metadata(self.run)
+            )
         atomic_write_json(out / "summary.json", self.summary)
         self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
         save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc, self.best)
@@ -337,7 +353,7 @@ class Trainer:
             cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
             if self.pruner is None:
                 break
-        ckpt.save_adapters(self.run.model, self.run.out / "adapters.safetensors")
+        ckpt.save_adapters(self.run.model, self.run.out / "adapters.safetensors", metadata=task_metadata(self.run))
         if self.writer is not None:
             self.writer.close()
         return self.summary

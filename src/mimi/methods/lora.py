@@ -187,13 +187,42 @@ def add_lora(
     seed: int | None = None,
 ) -> nn.Module:
     """Wrap every targeted linear layer in a :class:`LoRALinear`; freeze all but LoRA and the head (in place)."""
+    layout = {name: {"rank": rank, "alpha": alpha} for name, _ in lora_targets(model, targets)}
+    return apply_lora_layout(model, layout, dropout=dropout, seed=seed)
+
+
+def lora_layout(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per-layer ``{"rank", "alpha"}`` of every :class:`LoRALinear`: what a checkpoint needs to rebuild them."""
+    return {n: {"rank": m.rank, "alpha": m.alpha} for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora_layout(
+    model: nn.Module,
+    layout: dict[str, dict[str, float | None]],
+    *,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> nn.Module:
+    """Wrap the named linear layers in :class:`LoRALinear` s of their own rank (and alpha); freeze all but LoRA + head.
+
+    Layers may have different ranks (a pruned LoRA); a layer absent from ``layout`` stays a plain ``nn.Linear``.
+
+    Raises:
+        ModelError: if the model already holds LoRA, or a name is not an ``nn.Linear`` of this model.
+    """
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ModelError("the model already holds LoRA layers; build a fresh backbone")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for name, layer in lora_targets(model, targets):
+    for name, spec in layout.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as e:
+            raise ModelError(f"LoRA layer {name!r} does not exist in {type(model).__name__}") from e
+        if not isinstance(layer, nn.Linear):
+            raise ModelError(f"LoRA layer {name!r} is a {type(layer).__name__}, not an nn.Linear")
         parent_name, _, attr = name.rpartition(".")
-        wrapped = LoRALinear(layer, rank, alpha, dropout=dropout, generator=generator)
-        setattr(model.get_submodule(parent_name), attr, wrapped)
+        wrapped = LoRALinear(layer, int(spec["rank"]), spec.get("alpha"), dropout=dropout, generator=generator)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
     freeze_backbone(model)
     for m in model.modules():
         if isinstance(m, LoRALinear):

@@ -1,0 +1,420 @@
+"""An adapter bank: one frozen backbone in memory, any number of tasks, mixed-task batches in one pass.
+
+    bank = mimi.AdapterBank("vit_small_patch14_dinov2", weights="imgfocus", img_size=56)
+    bank.add("digits", "digits.safetensors")          # MiMi: uneven sizes, some adapters removed
+    bank.add("defects", "elpv.safetensors")            # LoRA, AdaptFormer, linear probe, fixed adapters too
+    bank.logits(x, ["digits", "defects", "digits"])    # one backbone pass, three 1-d logit tensors
+
+Each task's adapters sit beside the frozen branches they adapt (see :mod:`mimi.deploy.routing`); its head is a
+plain ``nn.Linear`` on the backbone's pooled features (``bank.model`` has no classifier of its own).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..adapters import AdaptedBranch, AdapterConfig, adapter_sites, find_blocks, new_adapter
+from ..backbones import create_backbone, model_img_size, preprocessing
+from ..checkpoint import backbone_fingerprint, model_architecture
+from ..data.base import normalize, to_uint8
+from ..engine import resolve_device
+from ..errors import CheckpointError, ConfigError, DataError, ModelError
+from ..methods.lora import LoRALinear
+from .routing import BankLinear, BankSite, LowRank, Router
+from .taskfile import TaskFile, read_task_file
+
+
+def architecture(name: str | None) -> str | None:
+    """timm architecture of a model name (the part before a pretrained tag: ``vit_base_patch16_224``)."""
+    return name.split(".")[0] if name else None
+
+
+@dataclass
+class _Task:
+    key: str  # module-safe key used inside the backbone (task names may hold dots)
+    file: TaskFile
+    sites: list[str] = field(default_factory=list)  # slot paths holding one of its adapters
+    layers: list[str] = field(default_factory=list)  # linear layers holding one of its LoRA updates
+    memory_bytes: int = 0
+
+
+@dataclass
+class _Built:
+    adapters: dict[str, tuple[str, nn.Module]]  # slot path -> (placement, adapter)
+    updates: dict[str, LowRank]  # layer -> update
+    head: nn.Linear
+
+
+class AdapterBank:
+    """Many tasks on one frozen backbone.
+
+    Args:
+        backbone: a timm model name (built as ``mimi train`` builds it, with the same weight sources) or an
+            ``nn.Module`` holding no adapters. It is held once, frozen, in eval mode, as ``bank.model``.
+        weights: weight source when ``backbone`` is a name (``auto``, ``hub``, ``none``, ``imgfocus``, a file).
+        img_size: input resolution when ``backbone`` is a name (position embeddings are resampled).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
+
+    Raises:
+        ConfigError, BackboneError, ModelError: bad arguments, unknown model or weights, a backbone that already
+            holds adapters or no transformer blocks.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        *,
+        weights: str | None = "auto",
+        img_size: int | None = None,
+        device: str = "auto",
+    ) -> None:
+        if isinstance(backbone, str):
+            model, self.weights_source = create_backbone(backbone, weights=weights, img_size=img_size)
+            self.name: str | None = backbone
+        elif isinstance(backbone, nn.Module):
+            if any(isinstance(m, AdaptedBranch | LoRALinear | BankSite | BankLinear) for m in backbone.modules()):
+                raise ModelError("the backbone already holds adapters or LoRA; give the bank a bare backbone")
+            model, self.weights_source = backbone, "given module"
+            self.name = model_architecture(model)
+            if img_size is not None and img_size != model_img_size(model):
+                raise ConfigError(f"img_size={img_size} but the given module takes {model_img_size(model)} px")
+        else:
+            raise ConfigError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+        self.device = resolve_device(device)
+        if hasattr(model, "reset_classifier"):
+            model.reset_classifier(0)  # the backbone returns pooled features; every task brings its own head
+        self.model: nn.Module = model.requires_grad_(False).eval().to(self.device)
+        self.dtype = next(model.parameters()).dtype
+        self.img_size = model_img_size(model)
+        self.mean, self.std = preprocessing(model)
+        self.num_features = int(getattr(model, "num_features", 0))
+        self.architecture = model_architecture(model) or architecture(self.name)
+        self.fingerprint = backbone_fingerprint(model)
+        self._router = Router()
+        # The bare backbone's structure, recorded before any wrapping: where adapters and LoRA updates can go.
+        self._sites = {
+            p: {s.name: s for s in adapter_sites(model, AdapterConfig(placement=p))} for p in ("sequential", "parallel")
+        }
+        self._blocks = dict(find_blocks(model))
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in self._linears}
+        self._site_modules: dict[str, BankSite] = {}
+        self._linear_modules: dict[str, BankLinear] = {}
+        self._tasks: dict[str, _Task] = {}
+        self.heads = nn.ModuleDict()
+        self._next_key = 0
+
+    # ------------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names, in insertion order."""
+        return list(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._tasks
+
+    def __repr__(self) -> str:
+        return f"AdapterBank({self.name or type(self.model).__name__}, {self.img_size}px, tasks={self.tasks})"
+
+    def add(self, task: str, path: str | Path, *, replace: bool = False) -> None:
+        """Load a task file (``mimi.save_adapters`` / ``mimi export``, float16 too) into the bank.
+
+        Everything is checked before anything changes: a file made for another architecture or width raises
+        :class:`CheckpointError` naming the mismatch and leaves the bank as it was.
+
+        Raises:
+            ConfigError: the name is empty, or already in the bank and ``replace`` is False.
+            CheckpointError: the file is missing, damaged, trains the backbone itself, or does not fit it.
+        """
+        if not isinstance(task, str) or not task:
+            raise ConfigError(f"a task name must be a non-empty string, got {task!r}")
+        if task in self._tasks and not replace:
+            raise ConfigError(f"task {task!r} is already in the bank; pass replace=True or remove it first")
+        file = read_task_file(path)
+        built = self._build(file)
+        if task in self._tasks:
+            self.remove(task)
+        self._commit(task, file, built)
+
+    def remove(self, task: str) -> None:
+        """Drop a task; sites left with no adapter give their branch back to the backbone."""
+        entry = self._tasks.pop(self._check_name(task))
+        for path in entry.sites:
+            site = self._site_modules[path]
+            del site.adapters[entry.key], site.modes[entry.key]
+            if not site.adapters:
+                block_name, _, slot = path.rpartition(".")
+                setattr(self._blocks[block_name], slot, site.branch)
+                del self._site_modules[path]
+        for layer in entry.layers:
+            wrapped = self._linear_modules[layer]
+            del wrapped.updates[entry.key]
+            if not wrapped.updates:
+                setattr(self._parents[layer], layer.rpartition(".")[2], wrapped.base)
+                del self._linear_modules[layer]
+        del self.heads[entry.key]
+
+    def info(self) -> dict[str, dict[str, Any]]:
+        """Per task: method, adapter params (head excluded), head params, bytes on disk and in memory, classes,
+        class names (or None), per-adapter hidden sizes (or per-layer LoRA ranks), removed adapters, file."""
+        out = {}
+        for task, entry in self._tasks.items():
+            f = entry.file
+            sizes = f.sizes if f.adapter_config is not None else {n: int(s["rank"]) for n, s in f.lora.items()}
+            cfg = f.adapter_config
+            n_sites = sum(s.role in cfg.targets for s in self._sites[cfg.placement].values()) if cfg else 0
+            out[task] = {
+                "method": f.method,
+                "adapter_params": f.adapter_params,
+                "head_params": f.head_params,
+                "bytes": f.file_bytes,
+                "memory_bytes": entry.memory_bytes,
+                "stored_dtype": f.stored_dtype,
+                "classes": f.num_classes,
+                "class_names": f.classes,
+                "sizes": sizes,
+                "removed_adapters": n_sites - len(f.sizes),
+                "path": str(f.path),
+            }
+        return out
+
+    def _check_name(self, task: str) -> str:
+        if task not in self._tasks:
+            known = ", ".join(self._tasks) or "none yet; add one with bank.add(name, file)"
+            raise ConfigError(f"unknown task {task!r}; tasks in the bank: {known}")
+        return task
+
+    # ------------------------------------------------------------------ building a task (no change to the bank)
+
+    def _build(self, f: TaskFile) -> _Built:
+        mine, theirs = self.architecture, f.architecture
+        if mine and theirs and mine != theirs:
+            raise CheckpointError(
+                f"{f.path}: made for {f.model or theirs}, but the bank's backbone is {self.name or mine}: another "
+                "architecture; build a bank with that backbone"
+            )
+        weight = f.head["weight"]
+        if weight.shape[1] != self.num_features:
+            raise CheckpointError(
+                f"{f.path}: its head reads {weight.shape[1]} features but this backbone gives {self.num_features}: "
+                "the file was made for another architecture or width"
+            )
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in f.head)
+        self._load(head, f.head, f, "head")
+        adapters_ = {}
+        if f.adapter_config is not None:
+            sites = self._sites[f.adapter_config.placement]
+            for name, hidden in f.sizes.items():
+                site = sites.get(name)
+                if site is None:
+                    raise CheckpointError(
+                        f"{f.path}: adapter {name!r} has no place in this backbone "
+                        f"({type(self.model).__name__}); the file was made for another architecture"
+                    )
+                tensors = f.adapter_tensors.get(name, {})
+                adapter = new_adapter(site, f.adapter_config, hidden, torch.Generator())  # leaves torch's RNG alone
+                self._load(adapter, tensors, f, name)
+                adapters_[name.removesuffix(".adapter")] = (f.adapter_config.placement, adapter)
+        updates = {}
+        for layer, spec in f.lora.items():
+            base = self._linears.get(layer)
+            if base is None:
+                raise CheckpointError(f"{f.path}: LoRA layer {layer!r} does not exist in this backbone")
+            t = f.lora_tensors.get(layer, {})
+            a, b = t.get("lora_a.weight"), t.get("lora_b.weight")
+            rank = int(spec["rank"])
+            if a is None or b is None or a.shape != (rank, base.in_features) or b.shape != (base.out_features, rank):
+                raise CheckpointError(
+                    f"{f.path}: LoRA tensors of {layer} have shapes {None if a is None else tuple(a.shape)} / "
+                    f"{None if b is None else tuple(b.shape)} but this backbone's layer is {base.in_features} -> "
+                    f"{base.out_features} at rank {rank}: the file was made for another architecture or width"
+                )
+            alpha = float(spec.get("alpha") or rank)
+            updates[layer] = LowRank(a.to(self.dtype), b.to(self.dtype), alpha / rank)
+        if f.fingerprint and self.fingerprint and f.fingerprint != self.fingerprint:
+            warnings.warn(
+                f"{f.path} was trained on other weights of {theirs or 'this architecture'} than the bank's "
+                f"({self.weights_source}); its predictions will be off",
+                stacklevel=3,
+            )
+        if f.img_size is not None and f.img_size != self.img_size:
+            warnings.warn(f"{f.path} was trained at {f.img_size}px, the bank runs at {self.img_size}px", stacklevel=3)
+        return _Built(adapters_, updates, head)
+
+    def _load(self, module: nn.Module, tensors: dict[str, torch.Tensor], f: TaskFile, what: str) -> None:
+        expected = module.state_dict()
+        for k, v in expected.items():
+            t = tensors.get(k)
+            if t is None or t.shape != v.shape:
+                got = None if t is None else tuple(t.shape)
+                raise CheckpointError(
+                    f"{f.path}: {what}.{k} has shape {got} but this backbone expects {tuple(v.shape)}: "
+                    "the file was made for another architecture or width"
+                )
+        if set(tensors) - set(expected):
+            raise CheckpointError(f"{f.path}: {what} holds unexpected tensors {sorted(set(tensors) - set(expected))}")
+        module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()})
+
+    def _commit(self, task: str, f: TaskFile, built: _Built) -> None:
+        key = f"t{self._next_key}"
+        self._next_key += 1
+        entry = _Task(key, f)
+        for path, (placement, adapter) in built.adapters.items():
+            site = self._site_modules.get(path) or self._wrap_site(path)
+            site.adapters[key] = adapter
+            site.modes[key] = placement
+            entry.sites.append(path)
+        for layer, update in built.updates.items():
+            wrapped = self._linear_modules.get(layer) or self._wrap_linear(layer)
+            wrapped.updates[key] = update
+            entry.layers.append(layer)
+        self.heads[key] = built.head
+        modules = [a for _, a in built.adapters.values()] + list(built.updates.values()) + [built.head]
+        entry.memory_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        for m in modules:
+            m.to(self.device).requires_grad_(False).eval()
+        self._tasks[task] = entry
+
+    def _wrap_site(self, path: str) -> BankSite:
+        block_name, _, slot = path.rpartition(".")
+        block = self._blocks[block_name]
+        site = BankSite(getattr(block, slot), self._router).eval()
+        setattr(block, slot, site)
+        self._site_modules[path] = site
+        return site
+
+    def _wrap_linear(self, layer: str) -> BankLinear:
+        wrapped = BankLinear(self._linears[layer], self._router).eval()
+        setattr(self._parents[layer], layer.rpartition(".")[2], wrapped)
+        self._linear_modules[layer] = wrapped
+        return wrapped
+
+    # ------------------------------------------------------------------ inference
+
+    def _check_images(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.img_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(f"images must be a (B, 3, {s}, {s}) tensor with B >= 1, got {got}")
+        if tuple(x.shape[2:]) != (s, s):
+            raise ConfigError(f"images are {tuple(x.shape[2:])} but the bank's backbone takes {s}x{s}; resize them")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, tasks: str | Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
+        """Logits of a batch, the frozen backbone running once whatever the mix of tasks.
+
+        Args:
+            x: ``(B, 3, H, W)`` images preprocessed as training does (see :meth:`preprocess`).
+            tasks: one task name for the whole batch, or a sequence of ``B`` names (one per image).
+
+        Returns:
+            For one name, a ``(B, C_task)`` tensor; for a sequence, a list of ``B`` 1-d tensors (each task has its
+            own number of classes).
+        """
+        x = self._check_images(x)
+        batch = x.shape[0]
+        if isinstance(tasks, str):
+            key = self._tasks[self._check_name(tasks)].key
+            return self.heads[key](self._features(x, {key: None}, batch))
+        names = list(tasks)
+        if len(names) != batch:
+            raise ConfigError(f"{len(names)} task names for a batch of {batch} images; give one name per image")
+        keys = [self._tasks[self._check_name(t)].key for t in names]
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        index = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
+        feats = self._features(x, index, batch)  # (B, F): ONE pass of the backbone
+        out: list[torch.Tensor] = [torch.empty(0)] * batch
+        for k, idx in index.items():
+            rows = self.heads[k](feats.index_select(0, idx))  # (n_k, C_k)
+            for i, row in zip(groups[k], rows):
+                out[i] = row
+        return out
+
+    def _features(self, x: torch.Tensor, index: dict[str, torch.Tensor | None], batch: int) -> torch.Tensor:
+        if len(index) == 1:
+            self._router.set_single(next(iter(index)), batch)  # every row one task: no gather / scatter
+        else:
+            self._router.set_groups(index, batch)
+        try:
+            return self.model(x)
+        finally:
+            self._router.clear()
+
+    def preprocess(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """PIL images or image files -> ``(B, 3, H, W)``: RGB, bicubic resize, the backbone's mean/std (as training)."""
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        out = []
+        for img in images:
+            if isinstance(img, Image.Image):
+                out.append(to_uint8(img, self.img_size))
+                continue
+            try:
+                with Image.open(img) as opened:
+                    out.append(to_uint8(opened, self.img_size))
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read image {img}: {e}") from e
+        return normalize(torch.stack(out), mean, std)
+
+    def predict(
+        self,
+        images: Sequence[Image.Image | str | Path] | Image.Image | str | Path,
+        tasks: str | Sequence[str],
+        topk: int = 1,
+        *,
+        batch_size: int = 64,
+    ) -> list[dict[str, Any]]:
+        """Top-k classes of images (PIL or files), one task for all or one task per image (mixed batches).
+
+        Returns:
+            One dict per image: ``task``, ``ids`` (top-k class ids), ``names`` (class names, or None when the task
+            file records none), ``probs`` (softmax probabilities), and ``image`` when a path was given.
+        """
+        if isinstance(images, Image.Image | str | Path):
+            images = [images]
+        images = list(images)
+        per_image = [tasks] * len(images) if isinstance(tasks, str) else list(tasks)
+        if len(per_image) != len(images):
+            raise ConfigError(f"{len(per_image)} task names for {len(images)} images; give one name per image")
+        if not isinstance(topk, int) or topk < 1:
+            raise ConfigError(f"topk must be a positive integer, got {topk!r}")
+        for t in set(per_image):
+            self._check_name(t)
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk, names = images[start : start + batch_size], per_image[start : start + batch_size]
+            x = self.preprocess(chunk)
+            single = len(set(names)) == 1
+            logits = self.logits(x, names[0]) if single else self.logits(x, names)
+            for img, task, row in zip(chunk, names, logits):
+                results.append(self.decode(task, row, topk, None if isinstance(img, Image.Image) else str(img)))
+        return results
+
+    def decode(self, task: str, row: torch.Tensor, topk: int = 1, image: str | None = None) -> dict[str, Any]:
+        """One image's logits for ``task`` -> its top-k ``ids``, class ``names`` (or None) and ``probs``."""
+        probs = row.float().softmax(-1)
+        p, ids = probs.topk(min(topk, probs.numel()))
+        classes = self._tasks[task].file.classes
+        out = {
+            "task": task,
+            "ids": ids.tolist(),
+            "names": [classes[i] for i in ids.tolist()] if classes else None,
+            "probs": p.tolist(),
+        }
+        if image is not None:
+            out = {"image": image, **out}
+        return out

@@ -1,0 +1,157 @@
+"""A task file (written by :func:`mimi.save_adapters` / ``mimi export``) read into its parts, without a model.
+
+A task is what a bank adds to its shared backbone: adapters of their own sizes at named sites, LoRA updates on
+named linear layers, and a classifier head. Anything else a file trains (backbone norms, biases, prompts, SSF
+scales) would change the shared backbone itself, so such files are refused here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters import AdapterConfig
+from ..checkpoint import load_tensors, read_metadata
+from ..errors import CheckpointError
+
+#: Methods whose tasks leave the backbone untouched (what a bank can serve).
+SERVABLE = ("mimi", "mimi-oneshot", "adapter", "adaptformer", "linear", "lora", "mimi-lora")
+
+
+@dataclass
+class TaskFile:
+    """The parts of one task file.
+
+    Attributes:
+        path: where it was read from.
+        method: training method (recorded by ``mimi train``; inferred from the tensors for older files).
+        model: backbone name recorded in the file, if any.
+        architecture: timm architecture of the backbone it was trained on, if recorded.
+        fingerprint: hash of that backbone's patch-embedding weights, if recorded.
+        img_size: input resolution it was trained at, if recorded.
+        classes: class names indexed by label, if recorded.
+        num_classes: size of the head.
+        adapter_config: how its adapters were built (None: no adapters).
+        sizes: hidden size of every adapter present (removed adapters are absent).
+        lora: per-layer ``{"rank", "alpha"}`` of its LoRA updates.
+        adapter_tensors: ``<adapter name> -> {"down.weight": ..., "up.weight": ..., ...}``.
+        lora_tensors: ``<layer name> -> {"lora_a.weight": ..., "lora_b.weight": ...}``.
+        head: ``{"weight": (C, F), "bias": (C,)}``.
+        file_bytes: size on disk.
+        stored_dtype: dtype of the stored tensors.
+    """
+
+    path: Path
+    method: str
+    model: str | None
+    architecture: str | None
+    fingerprint: str | None
+    img_size: int | None
+    classes: list[str] | None
+    num_classes: int
+    adapter_config: AdapterConfig | None
+    sizes: dict[str, int]
+    lora: dict[str, dict]
+    adapter_tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+    lora_tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+    head: dict[str, torch.Tensor] = field(repr=False)
+    file_bytes: int = 0
+    stored_dtype: str = "float32"
+
+    @property
+    def adapter_params(self) -> int:
+        """Parameters of the adapters or LoRA updates (the head excluded)."""
+        groups = list(self.adapter_tensors.values()) + list(self.lora_tensors.values())
+        return sum(t.numel() for g in groups for t in g.values())
+
+    @property
+    def head_params(self) -> int:
+        return sum(t.numel() for t in self.head.values())
+
+
+def _json(meta: dict[str, str], key: str, default):
+    try:
+        return json.loads(meta[key]) if key in meta else default
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"metadata entry {key!r} is not valid JSON ({e.msg})") from e
+
+
+def _infer_method(config: AdapterConfig | None, lora: dict) -> str:
+    if lora:
+        return "lora"
+    if config is None:
+        return "linear"
+    return "adaptformer" if config.placement == "parallel" else "adapter"
+
+
+def _split(path: Path, tensors: dict[str, torch.Tensor], trainable: list[str], head_names: list[str], sizes, lora):
+    """Sort the trained tensors into adapters, LoRA layers and head; refuse anything else."""
+    adapter_t: dict[str, dict[str, torch.Tensor]] = {}
+    lora_t: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for name in trainable:
+        t = tensors[name]
+        if name in head_names:
+            head[name.rpartition(".")[2]] = t
+            continue
+        owner = next((a for a in sizes if name.startswith(a + ".")), None)
+        if owner is not None:
+            adapter_t.setdefault(owner, {})[name[len(owner) + 1 :]] = t
+            continue
+        layer = next((n for n in lora if name.startswith(n + ".lora_")), None)
+        if layer is not None:
+            lora_t.setdefault(layer, {})[name[len(layer) + 1 :]] = t
+            continue
+        raise CheckpointError(
+            f"{path}: the task trains {name!r}, a tensor of the backbone itself; a bank shares one frozen backbone "
+            f"and serves only tasks of {', '.join(SERVABLE)} (evaluate this one with `mimi eval`)"
+        )
+    if set(head) - {"weight", "bias"} or "weight" not in head or head["weight"].ndim != 2:
+        raise CheckpointError(f"{path}: no linear classifier head in the file (head tensors {sorted(head)})")
+    return adapter_t, lora_t, head
+
+
+def read_task_file(path: str | Path) -> TaskFile:
+    """Read and check a task file; raises :class:`CheckpointError` naming what is wrong."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_tensors(path)
+    except Exception as e:  # safetensors raises several types on a damaged file
+        raise CheckpointError(f"{path}: cannot read its tensors ({type(e).__name__}: {e}); export it again") from e
+    trainable = _json(meta, "trainable", [])
+    missing = sorted(set(trainable) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: truncated task file, tensors {missing[:3]} are missing; export it again")
+    config_d = _json(meta, "adapter_config", None)
+    config = AdapterConfig.from_dict(config_d) if config_d is not None else None
+    sizes: dict[str, int] = _json(meta, "sizes", {}) if config is not None else {}
+    lora: dict[str, dict] = _json(meta, "lora", {})
+    if config is not None and config.train_norms:
+        raise CheckpointError(f"{path}: the task trains the backbone's norms; a bank serves frozen-backbone tasks only")
+    adapter_t, lora_t, head = _split(path, tensors, trainable, _json(meta, "head", []), sizes, lora)
+    method = meta.get("method") or _infer_method(config, lora)
+    if method not in SERVABLE:
+        raise CheckpointError(f"{path}: method {method!r} cannot be served by a bank; servable: {', '.join(SERVABLE)}")
+    img = meta.get("img_size", "")
+    return TaskFile(
+        path=path,
+        method=method,
+        model=meta.get("model") or None,
+        architecture=meta.get("architecture") or (meta["model"].split(".")[0] if meta.get("model") else None),
+        fingerprint=meta.get("backbone_fingerprint") or None,
+        img_size=int(img) if img.isdigit() else None,
+        classes=_json(meta, "classes", None),
+        num_classes=int(head["weight"].shape[0]),
+        adapter_config=config,
+        sizes={n: int(h) for n, h in sizes.items()},
+        lora=lora,
+        adapter_tensors=adapter_t,
+        lora_tensors=lora_t,
+        head=head,
+        file_bytes=path.stat().st_size,
+        stored_dtype=meta.get("stored_dtype", str(next(iter(tensors.values())).dtype).removeprefix("torch.")),
+    )

@@ -1,0 +1,228 @@
+"""The adapter bank: per-task logits equal each task's own model, one backbone pass per mixed batch, safe refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_swin, tiny_vit
+from PIL import Image
+
+import mimi
+from mimi.adapters import AdapterConfig, adapters, add_adapters, freeze_backbone
+from mimi.deploy.routing import BankLinear, BankSite
+from mimi.methods.lora import apply_lora_layout, lora_targets
+from mimi.shrink import apply_plan
+
+ARCHS = {"vit": tiny_vit, "swin": tiny_swin}
+MIMI_SIZES = [5, 0, 2, 6, 0, 1, 3, 4]  # per adapter in model order (the tiny Swin has 4 adapters, the ViT 4)
+
+
+def bare(arch: str) -> torch.nn.Module:
+    """The same frozen backbone every time (weights drawn from seed 0), without a head."""
+    torch.manual_seed(0)
+    return ARCHS[arch](num_classes=0).eval()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def make_task(arch: str, kind: str, num_classes: int, path, *, seed: int = 1, **save_kw) -> None:
+    """A task file as training would leave it, with non-zero trained tensors."""
+    model = bare(arch)
+    model.reset_classifier(num_classes)
+    if kind == "mimi":  # uneven sizes, two adapters removed
+        add_adapters(model, AdapterConfig(hidden_dim=6, init_seed=seed))
+        names = [n for n, _ in adapters(model)]
+        apply_plan(model, {n: list(range(k)) for n, k in zip(names, MIMI_SIZES)})
+    elif kind == "adapter":
+        add_adapters(model, AdapterConfig(hidden_dim=3, init_seed=seed))
+    elif kind == "adaptformer":
+        add_adapters(model, AdapterConfig(hidden_dim=4, placement="parallel", scale=0.1, targets=("mlp",)))
+    elif kind == "lora":  # uneven ranks, one layer left without LoRA
+        layers = [n for n, _ in lora_targets(model)]
+        apply_lora_layout(model, {n: {"rank": 1 + i % 3, "alpha": 2.0} for i, n in enumerate(layers[1:])}, seed=seed)
+    elif kind == "linear":
+        freeze_backbone(model)
+    _randomize(model, seed)
+    mimi.save_adapters(model, path, **save_kw)
+
+
+def reference(arch: str, path) -> torch.nn.Module:
+    """The task's own model: a fresh backbone restored by load_adapters."""
+    return mimi.load_adapters(bare(arch), path).eval()
+
+
+TASKS = {"a": ("mimi", 3), "b": ("linear", 5), "c": ("lora", 4), "d": ("adaptformer", 2), "e": ("adapter", 7)}
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def setup(request, tmp_path):
+    arch = request.param
+    files = {}
+    for i, (task, (kind, c)) in enumerate(TASKS.items()):
+        files[task] = tmp_path / f"{task}.safetensors"
+        make_task(arch, kind, c, files[task], seed=10 + i)
+    bank = mimi.AdapterBank(bare(arch), device="cpu")
+    for task, f in files.items():
+        bank.add(task, f)
+    torch.manual_seed(3)
+    x = torch.randn(7, 3, 32, 32)
+    return arch, bank, files, x
+
+
+def test_single_task_logits_equal_own_model(setup):
+    arch, bank, files, x = setup
+    assert bank.tasks == list(TASKS)
+    for task, f in files.items():
+        got = bank.logits(x, task)
+        want = reference(arch, f)(x)
+        assert got.shape == (7, TASKS[task][1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(want, reference(arch, files["b"])(x)[:, :1].expand_as(want))
+
+
+def test_mixed_batch_equals_own_models_in_one_pass(setup):
+    arch, bank, files, x = setup
+    order = ["c", "a", "b", "a", "d", "e", "c"]
+    refs = {t: reference(arch, f)(x) for t, f in files.items()}
+    calls = []
+    hook = bank.model.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        rows = bank.logits(x, order)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the frozen backbone ran once for the whole mixed batch
+    assert len(rows) == 7
+    for i, (t, row) in enumerate(zip(order, rows)):
+        assert row.shape == (TASKS[t][1],)
+        torch.testing.assert_close(row, refs[t][i], atol=1e-5, rtol=0)
+
+
+def test_a_site_without_the_task_costs_it_nothing(setup):
+    """A linear-probe task runs no adapter: its rows never enter a site's gather."""
+    _, bank, _, x = setup
+    seen = []
+    for m in bank.model.modules():
+        if isinstance(m, BankSite | BankLinear):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(mod))
+    sizes = []
+    for m in bank.model.modules():
+        if isinstance(m, BankSite):
+            for a in m.adapters.values():
+                a.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    bank.logits(x[:2], ["b", "b"])
+    assert sizes == []  # task b (linear probe) has no adapters: none ran
+    assert seen  # the wrapped sites themselves still ran the frozen branch
+
+
+def test_fp16_file_and_info(setup, tmp_path):
+    arch, bank, files, x = setup
+    half = tmp_path / "half.safetensors"
+    model = reference(arch, files["a"])
+    mimi.save_adapters(model, half, dtype=torch.float16, metadata={"classes": json.dumps(["x", "y", "z"])})
+    bank.add("half", half)
+    torch.testing.assert_close(bank.logits(x, "half"), reference(arch, half)(x), atol=1e-5, rtol=0)
+    info = bank.info()
+    assert info["half"]["stored_dtype"] == "float16"
+    assert info["half"]["bytes"] < info["a"]["bytes"]
+    assert info["a"]["method"] == "adapter" and info["c"]["method"] == "lora" and info["b"]["method"] == "linear"
+    used = MIMI_SIZES[: len(info["a"]["sizes"]) + info["a"]["removed_adapters"]]
+    assert info["a"]["removed_adapters"] == used.count(0) >= 1
+    assert sorted(info["a"]["sizes"].values()) == sorted(k for k in used if k)
+    n_adapter = sum(t.numel() for n, t in reference(arch, files["a"]).named_parameters() if ".adapter." in n)
+    assert info["a"]["adapter_params"] == n_adapter
+    assert info["b"]["adapter_params"] == 0 and info["b"]["classes"] == 5
+
+
+def test_wrong_architecture_refused_and_bank_unchanged(setup, tmp_path):
+    arch, bank, files, x = setup
+    other = "swin" if arch == "vit" else "vit"
+    before_tasks, before = bank.tasks, bank.logits(x, "a")
+    before_modules = [type(m).__name__ for m in bank.model.modules()]
+    for kind in ("mimi", "lora", "linear"):
+        f = tmp_path / f"other_{kind}.safetensors"
+        make_task(other, kind, 3, f)
+        with pytest.raises(mimi.CheckpointError, match="another architecture|width|no place|does not exist"):
+            bank.add(f"new_{kind}", f)
+    wide = tmp_path / "wide.safetensors"
+    torch.manual_seed(0)
+    m = tiny_vit(num_classes=3, embed_dim=96) if arch == "vit" else tiny_swin(num_classes=3)
+    add_adapters(m, AdapterConfig(hidden_dim=2))
+    if arch == "swin":  # another width of the same architecture: a ViT of width 96 stands in for it
+        m = tiny_vit(num_classes=3, embed_dim=96)
+        add_adapters(m, AdapterConfig(hidden_dim=2))
+    mimi.save_adapters(m, wide)
+    with pytest.raises(mimi.CheckpointError):
+        bank.add("wide", wide)
+    assert bank.tasks == before_tasks
+    assert [type(m).__name__ for m in bank.model.modules()] == before_modules
+    torch.testing.assert_close(bank.logits(x, "a"), before, atol=0, rtol=0)
+
+
+def test_names_replace_and_remove(setup):
+    arch, bank, files, x = setup
+    with pytest.raises(mimi.ConfigError, match="already in the bank"):
+        bank.add("a", files["b"])
+    bank.add("a", files["b"], replace=True)
+    torch.testing.assert_close(bank.logits(x, "a"), reference(arch, files["b"])(x), atol=1e-5, rtol=0)
+    assert bank.tasks == ["b", "c", "d", "e", "a"]
+    with pytest.raises(mimi.ConfigError, match="unknown task"):
+        bank.logits(x, ["a"] * 6 + ["zz"])
+    with pytest.raises(mimi.ConfigError, match="one name per image"):
+        bank.logits(x, ["a"] * 3)
+    for t in list(bank.tasks):
+        bank.remove(t)
+    assert bank.tasks == []
+    assert not any(isinstance(m, BankSite | BankLinear) for m in bank.model.modules())  # the bare backbone again
+    torch.testing.assert_close(bank.model(x), bare(arch)(x), atol=0, rtol=0)
+
+
+def test_model_name_mismatch_refused(tmp_path):
+    f = tmp_path / "t.safetensors"
+    make_task("vit", "linear", 3, f, metadata={"architecture": "deit_tiny_patch16_224"})
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")  # a timm vit_tiny_patch16_224 module
+    with pytest.raises(mimi.CheckpointError, match="made for deit_tiny_patch16_224.*another architecture"):
+        bank.add("t", f)
+    assert bank.tasks == []
+
+
+def test_predict_images_and_paths(tmp_path):
+    f = tmp_path / "t.safetensors"
+    make_task("vit", "mimi", 3, f, metadata={"classes": json.dumps(["cat", "dog", "eel"])})
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    bank.add("pets", f)
+    bank.add("plain", f)
+    imgs = [Image.new("RGB", (40, 30), (i * 40, 100, 200 - i * 30)) for i in range(3)]
+    imgs[1].save(tmp_path / "one.png")
+    preds = bank.predict([imgs[0], tmp_path / "one.png", imgs[2]], ["pets", "plain", "pets"], topk=2)
+    assert [p["task"] for p in preds] == ["pets", "plain", "pets"]
+    assert preds[1]["image"] == str(tmp_path / "one.png") and "image" not in preds[0]
+    for p in preds:
+        assert len(p["ids"]) == 2 and p["probs"][0] >= p["probs"][1]
+        assert p["names"] == [["cat", "dog", "eel"][i] for i in p["ids"]]
+    x = bank.preprocess(imgs)
+    with torch.no_grad():
+        want = reference("vit", f)(x).softmax(-1)
+    assert preds[0]["ids"][0] == int(want[0].argmax())
+    assert abs(preds[2]["probs"][0] - float(want[2].max())) < 1e-5
+    with pytest.raises(mimi.DataError, match="cannot read image"):
+        bank.predict([tmp_path / "missing.png"], "pets")
+
+
+def test_files_that_train_the_backbone_are_refused(tmp_path):
+    model = bare("vit")
+    model.reset_classifier(3)
+    freeze_backbone(model)
+    model.blocks[0].norm1.weight.requires_grad_(True)  # e.g. BitFit / trained norms
+    f = tmp_path / "t.safetensors"
+    mimi.save_adapters(model, f)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    with pytest.raises(mimi.CheckpointError, match="backbone itself"):
+        bank.add("t", f)
