@@ -102,6 +102,8 @@ def check_invariants(folder: Path, test_size: int) -> dict:
         assert np.bincount(labels, minlength=spec.num_classes).tolist() == info["class_histogram"][s]
         assert len(info["sources"][s]["index"]) == len(rows[s])
     assert set(np.array([lab for _, lab in rows["train800"]])) == set(range(spec.num_classes))
+    names = (folder / "classes.txt").read_text().splitlines()  # one distinct name per class, for task files
+    assert len(names) == len(set(names)) == spec.num_classes
     # No source image is shared between train, val and test (same source set: indices must be disjoint).
     src = info["sources"]
     tr, va, te = (_flat(src[s]["index"]) for s in SPLITS)

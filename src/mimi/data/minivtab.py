@@ -440,6 +440,36 @@ def _build_key(task: str, seed: int, test_size: int, elpv_size: int) -> dict:
     return key
 
 
+#: Class names by task (label i is CLASS_NAMES[task][i]), written to ``classes.txt`` so task files can record them.
+CLASS_NAMES: dict[str, list[str]] = {
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],  # fmt: skip
+    "digits": [str(d) for d in range(10)],
+    "elpv_defect": ["defect p=0", "defect p=1/3", "defect p=2/3", "defect p=1"],
+    "elpv_type": ["mono", "poly"],
+    "fmnist_location": [f"x bin {i + 1}/{LOCATION_BINS}" for i in range(LOCATION_BINS)],
+    "fmnist_orientation": [f"{45 * i}-{45 * (i + 1)} deg" for i in range(ORIENTATION_BINS)],
+    "fmnist_count": [f"{i + 1} item{'s' if i else ''}" for i in range(COUNT_MAX)],
+}
+
+
+def _write_classes(folder: Path, task: str) -> None:
+    names = CLASS_NAMES[task]
+    if len(names) != TASKS[task].num_classes:
+        raise DataError(f"{task}: {len(names)} class names for {TASKS[task].num_classes} classes")
+    (folder / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+
+
 def _existing(folder: Path, key: dict) -> dict | None:
     """The info of a finished build of ``folder`` with the same key, or None."""
     meta = folder / "minivtab.json"
@@ -498,6 +528,7 @@ def _write_task(task: str, root: Path, plan: dict[str, _Split], key: dict, progr
     ]
     for split, ls in lines.items():
         (tmp / f"{split}.txt").write_text("\n".join(ls) + "\n")
+    _write_classes(tmp, task)
     info["image_size"] = list(size) if size is not None else None
     info["build_seconds"] = round(time.perf_counter() - start, 2)
     info["complete"] = True
@@ -573,6 +604,8 @@ def build_minivtab(
         key = _build_key(name, seed, test_size, elpv_size)
         info = _existing(root / name, key)
         skipped = info is not None
+        if skipped and not (root / name / "classes.txt").is_file():
+            _write_classes(root / name, name)  # a build from before class names were recorded
         if info is None:
             start = time.perf_counter()
             info = _write_task(name, root, _plan(name, sources, seed, test_size), key, progress, start)

@@ -211,7 +211,8 @@ class AdapterBank:
                 f"{f.path}: its head reads {weight.shape[1]} features but this backbone gives {self.num_features}: "
                 "the file was made for another architecture or width"
             )
-        head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in f.head)
+        with torch.device("meta"):  # modules take the file's tensors as they are: nothing allocated twice
+            head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in f.head)
         self._load(head, f.head, f, "head")
         adapters_ = {}
         if f.adapter_config is not None:
@@ -224,8 +225,10 @@ class AdapterBank:
                         f"({type(self.model).__name__}); the file was made for another architecture"
                     )
                 tensors = f.adapter_tensors.get(name, {})
-                adapter = new_adapter(site, f.adapter_config, hidden, torch.Generator())  # leaves torch's RNG alone
+                with torch.device("meta"):
+                    adapter = new_adapter(site, f.adapter_config, hidden)
                 self._load(adapter, tensors, f, name)
+                adapter.neuron_ids = torch.arange(hidden, device=self.device)
                 adapters_[name.removesuffix(".adapter")] = (f.adapter_config.placement, adapter)
         updates = {}
         for layer, spec in f.lora.items():
@@ -242,7 +245,7 @@ class AdapterBank:
                     f"{base.out_features} at rank {rank}: the file was made for another architecture or width"
                 )
             alpha = float(spec.get("alpha") or rank)
-            updates[layer] = LowRank(a.to(self.dtype), b.to(self.dtype), alpha / rank)
+            updates[layer] = LowRank(a.to(self.device, self.dtype), b.to(self.device, self.dtype), alpha / rank)
         if f.fingerprint and self.fingerprint and f.fingerprint != self.fingerprint:
             warnings.warn(
                 f"{f.path} was trained on other weights of {theirs or 'this architecture'} than the bank's "
@@ -265,7 +268,7 @@ class AdapterBank:
                 )
         if set(tensors) - set(expected):
             raise CheckpointError(f"{f.path}: {what} holds unexpected tensors {sorted(set(tensors) - set(expected))}")
-        module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()})
+        module.load_state_dict({k: v.to(self.device, self.dtype) for k, v in tensors.items()}, assign=True)
 
     def _commit(self, task: str, f: TaskFile, built: _Built) -> None:
         key = f"t{self._next_key}"
@@ -285,6 +288,7 @@ class AdapterBank:
         entry.memory_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         for m in modules:
             m.to(self.device).requires_grad_(False).eval()
+        entry.file = f.without_tensors()
         self._tasks[task] = entry
 
     def _wrap_site(self, path: str) -> BankSite:

@@ -9,6 +9,7 @@ way multi-LoRA servers batch their adapters). A task with no adapter at a site c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
@@ -82,17 +83,16 @@ class BankSite(nn.Module):
 
 
 class LowRank(nn.Module):
-    """One task's LoRA update of one layer: ``scaling * B A`` (the frozen base lives in :class:`BankLinear`)."""
+    """One task's LoRA update of one layer: ``x -> scaling * B A x`` (the frozen base lives in :class:`BankLinear`)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         super().__init__()
-        self.lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False, device=a.device, dtype=a.dtype)  # (r, in)
-        self.lora_b = nn.Linear(b.shape[1], b.shape[0], bias=False, device=b.device, dtype=b.dtype)  # (out, r)
-        with torch.no_grad():
-            self.lora_a.weight.copy_(a)
-            self.lora_b.weight.copy_(b)
+        self.lora_a = nn.Parameter(a, requires_grad=False)  # (r, in): the file's tensor, not a copy
+        self.lora_b = nn.Parameter(b, requires_grad=False)  # (out, r)
         self.scaling = scaling
-        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
 
 
 class BankLinear(nn.Module):
@@ -104,21 +104,17 @@ class BankLinear(nn.Module):
         self.updates = nn.ModuleDict()  # task -> LowRank
         self.router = router
 
-    def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        u = self.updates[task]
-        return u.scaling * u.lora_b(u.lora_a(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         r = self.router
         if r.single is not None:
-            return y + self._delta(r.single, x) if r.single in self.updates else y
+            return y + self.updates[r.single](x) if r.single in self.updates else y
         out = None
         for task in r.groups:
             if task not in self.updates:
                 continue
             rows = r.rows(task, y.shape[0])
-            delta = self._delta(task, x.index_select(0, rows))
+            delta = self.updates[task](x.index_select(0, rows))
             out = y.clone() if out is None else out
             out.index_add_(0, rows, delta.to(out.dtype))
         return y if out is None else out

@@ -7,6 +7,7 @@ scales) would change the shared backbone itself, so such files are refused here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class TaskFile:
         head: ``{"weight": (C, F), "bias": (C,)}``.
         file_bytes: size on disk.
         stored_dtype: dtype of the stored tensors.
+        adapter_params: parameters of the adapters or LoRA updates (head excluded).
+        head_params: parameters of the head.
     """
 
     path: Path
@@ -60,16 +63,17 @@ class TaskFile:
     head: dict[str, torch.Tensor] = field(repr=False)
     file_bytes: int = 0
     stored_dtype: str = "float32"
+    adapter_params: int = 0
+    head_params: int = 0
 
-    @property
-    def adapter_params(self) -> int:
-        """Parameters of the adapters or LoRA updates (the head excluded)."""
+    def __post_init__(self) -> None:
         groups = list(self.adapter_tensors.values()) + list(self.lora_tensors.values())
-        return sum(t.numel() for g in groups for t in g.values())
+        self.adapter_params = self.adapter_params or sum(t.numel() for g in groups for t in g.values())
+        self.head_params = self.head_params or sum(t.numel() for t in self.head.values())
 
-    @property
-    def head_params(self) -> int:
-        return sum(t.numel() for t in self.head.values())
+    def without_tensors(self) -> TaskFile:
+        """The same description, tensors dropped (once they live in modules, keeping them would double memory)."""
+        return dataclasses.replace(self, adapter_tensors={}, lora_tensors={}, head={})
 
 
 def _json(meta: dict[str, str], key: str, default):
