@@ -11,7 +11,7 @@ from PIL import Image
 
 import mimi
 from mimi.adapters import AdapterConfig, adapters, add_adapters, freeze_backbone
-from mimi.deploy.routing import BankLinear, BankSite
+from mimi.deploy.routing import BankSite
 from mimi.methods.lora import apply_lora_layout, lora_targets
 from mimi.shrink import apply_plan
 
@@ -48,6 +48,20 @@ def make_task(arch: str, kind: str, num_classes: int, path, *, seed: int = 1, **
     elif kind == "lora":  # uneven ranks, one layer left without LoRA
         layers = [n for n, _ in lora_targets(model)]
         apply_lora_layout(model, {n: {"rank": 1 + i % 3, "alpha": 2.0} for i, n in enumerate(layers[1:])}, seed=seed)
+    elif kind == "mimi-lora":  # linear adapters (LoRA written as adapters), ranks pruned unevenly, one layer removed
+        add_adapters(
+            model,
+            AdapterConfig(
+                hidden_dim=4,
+                placement="parallel",
+                act="identity",
+                bias=False,
+                targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+                init_seed=seed,
+            ),
+        )
+        names = [n for n, _ in adapters(model)]
+        apply_plan(model, {n: list(range((i * 3) % 5)) for i, n in enumerate(names)})
     elif kind == "linear":
         freeze_backbone(model)
     _randomize(model, seed)
@@ -59,7 +73,14 @@ def reference(arch: str, path) -> torch.nn.Module:
     return mimi.load_adapters(bare(arch), path).eval()
 
 
-TASKS = {"a": ("mimi", 3), "b": ("linear", 5), "c": ("lora", 4), "d": ("adaptformer", 2), "e": ("adapter", 7)}
+TASKS = {
+    "a": ("mimi", 3),
+    "b": ("linear", 5),
+    "c": ("lora", 4),
+    "d": ("adaptformer", 2),
+    "e": ("adapter", 7),
+    "f": ("mimi-lora", 6),
+}
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -90,7 +111,7 @@ def test_single_task_logits_equal_own_model(setup):
 
 def test_mixed_batch_equals_own_models_in_one_pass(setup):
     arch, bank, files, x = setup
-    order = ["c", "a", "b", "a", "d", "e", "c"]
+    order = ["c", "a", "f", "a", "d", "e", "b"]
     refs = {t: reference(arch, f)(x) for t, f in files.items()}
     calls = []
     hook = bank.model.patch_embed.register_forward_hook(lambda *a: calls.append(1))
@@ -110,7 +131,7 @@ def test_a_site_without_the_task_costs_it_nothing(setup):
     _, bank, _, x = setup
     seen = []
     for m in bank.model.modules():
-        if isinstance(m, BankSite | BankLinear):
+        if isinstance(m, BankSite):
             m.register_forward_pre_hook(lambda mod, args: seen.append(mod))
     sizes = []
     for m in bank.model.modules():
@@ -172,7 +193,7 @@ def test_names_replace_and_remove(setup):
         bank.add("a", files["b"])
     bank.add("a", files["b"], replace=True)
     torch.testing.assert_close(bank.logits(x, "a"), reference(arch, files["b"])(x), atol=1e-5, rtol=0)
-    assert bank.tasks == ["b", "c", "d", "e", "a"]
+    assert bank.tasks == ["b", "c", "d", "e", "f", "a"]
     with pytest.raises(mimi.ConfigError, match="unknown task"):
         bank.logits(x, ["a"] * 6 + ["zz"])
     with pytest.raises(mimi.ConfigError, match="one name per image"):
@@ -180,7 +201,7 @@ def test_names_replace_and_remove(setup):
     for t in list(bank.tasks):
         bank.remove(t)
     assert bank.tasks == []
-    assert not any(isinstance(m, BankSite | BankLinear) for m in bank.model.modules())  # the bare backbone again
+    assert not any(isinstance(m, BankSite) for m in bank.model.modules())  # the bare backbone again
     torch.testing.assert_close(bank.model(x), bare(arch)(x), atol=0, rtol=0)
 
 
@@ -220,9 +241,32 @@ def test_files_that_train_the_backbone_are_refused(tmp_path):
     model = bare("vit")
     model.reset_classifier(3)
     freeze_backbone(model)
-    model.blocks[0].norm1.weight.requires_grad_(True)  # e.g. BitFit / trained norms
+    model.blocks[0].norm1.weight.requires_grad_(True)  # e.g. BitFit / trained norms, changed by training
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.mul_(1.1)
     f = tmp_path / "t.safetensors"
     mimi.save_adapters(model, f)
     bank = mimi.AdapterBank(bare("vit"), device="cpu")
     with pytest.raises(mimi.CheckpointError, match="backbone itself"):
         bank.add("t", f)
+
+
+def test_untouched_backbone_tensors_in_a_file_are_accepted(tmp_path):
+    """A linear probe saved without freezing the backbone: its backbone tensors equal the bank's, so it serves."""
+    model = bare("vit")
+    model.reset_classifier(3)
+    _randomize(model, 0)  # everything is trainable: the backbone too
+    f = tmp_path / "changed.safetensors"
+    mimi.save_adapters(model, f)
+    model = bare("vit")
+    model.reset_classifier(3)  # all trainable, only the head differs from the backbone
+    with torch.no_grad():
+        model.head.weight.normal_()
+    g = tmp_path / "probe.safetensors"
+    mimi.save_adapters(model, g)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    with pytest.raises(mimi.CheckpointError, match="backbone itself"):
+        bank.add("changed", f)
+    bank.add("probe", g)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(bank.logits(x, "probe"), reference("vit", g)(x), atol=1e-5, rtol=0)

@@ -23,6 +23,7 @@ RUNS = {
     "mimi": "--method mimi --adapter-dim 16 --budget-params 500 --rho 0.5 --epochs 1 --first-epochs 2 --lr 3e-3",
     "lora": "--method lora --adapter-dim 2 --first-epochs 2 --epochs 2 --lr 3e-3",
     "linear": "--method linear --first-epochs 1 --epochs 1",
+    "mimi-lora": "--method mimi-lora --adapter-dim 4 --budget-params 2000 --rho 0.6 --epochs 1 --first-epochs 1",
 }
 
 
@@ -59,7 +60,7 @@ def test_export_onnx_matches_pytorch(runs, capsys):
             want = model(x).numpy()
         assert np.abs(_onnx_logits(path, x) - want).max() <= 1e-4
         nodes[name] = len(onnx.load(str(path)).graph.node)
-    assert nodes["lora"] == nodes["linear"]  # LoRA merged into the frozen weights: no extra ops
+    assert nodes["lora"] == nodes["linear"] == nodes["mimi-lora"]  # LoRA merged into the frozen weights: no extra op
     assert nodes["mimi"] > nodes["linear"]  # the adapters are real ops
 
 

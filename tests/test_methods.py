@@ -18,7 +18,7 @@ from mimi.methods import METHODS, get_method
 from mimi.methods.lora import LoRALinear, lora_params_per_rank, lora_rank_for_budget, merge_lora
 
 MODELS = {"vit": tiny_vit, "dinov2": tiny_dinov2, "swin": tiny_swin}
-ADAPTERS = {"mimi", "mimi-oneshot", "adapter", "adaptformer"}
+ADAPTERS = {"mimi", "mimi-oneshot", "adapter", "adaptformer", "mimi-lora"}
 PEFT = {"peft-lora", "peft-adalora"}
 VIT_ONLY = {"vpt-deep"}
 NOT_ZERO_INIT = {"vpt-deep"}  # prompts change the attention of every block from the start

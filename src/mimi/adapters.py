@@ -10,6 +10,7 @@ The backbone is never copied: each adapted branch module is wrapped in place by 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ class AdapterConfig:
         bias: whether down/up projections carry biases.
         scale: multiplier of the adapter output (AdaptFormer's ``s``); 1.0 for the paper's adapters.
         dropout: dropout on the hidden activation.
-        targets: which branches of each block get an adapter ("attn", "mlp").
+        targets: where in each block adapters go: branches ("attn", "mlp") or linear layers inside them
+            ("attn.qkv", "mlp.fc1", ...). An adapter on a linear layer with placement "parallel", act "identity"
+            and no bias is a LoRA update whose rank MiMi can prune (``--method mimi-lora``).
         train_norms: also train the backbone's normalisation layers.
         init_seed: seed of the down-projection initialisation (None: use torch's global RNG).
     """
@@ -69,8 +72,11 @@ class AdapterConfig:
             raise ConfigError(f"AdapterConfig: act must be one of {sorted(_ACTIVATIONS)}, got {self.act!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"AdapterConfig: dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.targets or any(t not in _ROLES for t in self.targets):
-            raise ConfigError(f"AdapterConfig: targets must be a non-empty subset of {_ROLES}, got {self.targets!r}")
+        if not self.targets or any(t.split(".")[0] not in _ROLES for t in self.targets):
+            raise ConfigError(
+                f"AdapterConfig: targets must be branches {_ROLES} or layers inside them ('attn.qkv'), "
+                f"got {self.targets!r}"
+            )
 
     def hidden_for(self, width: int) -> int:
         """Hidden size of a new adapter on a branch of the given width."""
@@ -192,6 +198,8 @@ def _is_block(module: nn.Module) -> bool:
 
 def _slot(block: nn.Module, role: str, placement: str) -> str:
     """Attribute of the block to wrap: the branch output after any LayerScale (sequential), else the branch."""
+    if "." in role:  # a layer inside a branch: wrapped where it is
+        return role
     scaled = {"attn": "ls1", "mlp": "ls2"}[role]
     if placement == "sequential" and isinstance(getattr(block, scaled, None), nn.Module):
         return scaled
@@ -199,7 +207,10 @@ def _slot(block: nn.Module, role: str, placement: str) -> str:
 
 
 def _branch_dims(block: nn.Module, role: str) -> tuple[int, int]:
-    lins = _linears(getattr(block, role))
+    try:
+        lins = _linears(block.get_submodule(role))
+    except AttributeError as e:
+        raise ModelError(f"{type(block).__name__} has no submodule {role!r} to put an adapter on") from e
     if not lins:
         raise ModelError(f"cannot find the width of {type(block).__name__}.{role}: it holds no nn.Linear")
     return lins[0].in_features, lins[-1].out_features
@@ -292,10 +303,12 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         ref = next(block.parameters())
         adapter = new_adapter(site, config, config.hidden_for(site.out_dim), generator)
         adapter = adapter.to(device=ref.device, dtype=ref.dtype)
+        parent_path, _, attr = site.slot.rpartition(".")
+        parent = block.get_submodule(parent_path) if parent_path else block
         wrapped = AdaptedBranch(
-            getattr(block, site.slot), adapter, role=site.role, placement=config.placement, config=config
+            getattr(parent, attr), adapter, role=site.role, placement=config.placement, config=config
         )
-        setattr(block, site.slot, wrapped)
+        setattr(parent, attr, wrapped)
     freeze_backbone(model, train_norms=config.train_norms)
     return model
 
@@ -344,6 +357,30 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     if not isinstance(wrapper, AdaptedBranch):
         raise ModelError(f"{name!r} is not an adapter of this model")
     setattr(parent, attr, wrapper.branch)
+
+
+@torch.no_grad()
+def merge_linear_adapters(model: nn.Module) -> nn.Module:
+    """Fold every linear adapter (parallel, identity activation, on an ``nn.Linear``) into its layer's weights.
+
+    ``W x + b + s (U (D x + d) + u) = (W + s U D) x + (b + s (U d + u))``: the model computes the same function with
+    no extra op (in eval mode). Other adapters are left as they are. In place; returns ``model``.
+    """
+    for name, wrapper in list(_wrappers(model)):
+        a, base = wrapper.adapter, wrapper.branch
+        if not (wrapper.placement == "parallel" and isinstance(a.act, nn.Identity) and isinstance(base, nn.Linear)):
+            continue
+        merged = copy.deepcopy(base)
+        merged.weight += (a.scale * a.up.weight @ a.down.weight).to(merged.weight.dtype)
+        shift = a.up.weight @ a.down.bias if a.down.bias is not None else 0
+        shift = shift + (a.up.bias if a.up.bias is not None else 0)
+        if isinstance(shift, torch.Tensor):
+            if merged.bias is None:
+                merged.bias = nn.Parameter(torch.zeros_like(merged.weight[:, 0]), requires_grad=False)
+            merged.bias += a.scale * shift.to(merged.bias.dtype)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, merged)
+    return model
 
 
 def adapter_param_count(model: nn.Module) -> int:

@@ -42,7 +42,7 @@ class TrainConfig:
     budget_params: int | None = _f(None, "adapter parameter budget of the last cycle (head excluded)")
     budget_dim: int | None = _f(None, "budget = adapter parameters of uniform adapters of this hidden size")
     rho: float = _f(0.5, "fraction of adapter parameters removed per cycle (1.0 = one-shot)")
-    score: str = _f("mimi", "neuron score: mimi, mimi-weighted, magnitude, global-l1, random, gradient")
+    score: str = _f("mimi", "neuron score: mimi, mimi-weighted, magnitude, global-l1, random, gradient, lora-norm")
     max_cycles: int = _f(20, "safety cap on pruning cycles")
     # optimisation
     epochs: int = _f(10, "epochs per cycle")

@@ -35,6 +35,11 @@ def mimi_weighted_score(adapter: Adapter) -> torch.Tensor:
     return s / s.max().clamp_min(torch.finfo(s.dtype).tiny)
 
 
+def lora_norm_score(adapter: Adapter) -> torch.Tensor:
+    """``||W_up[:, j]||_2 * ||W_down[j, :]||_2``: the size of rank-1 component j's update (for linear adapters, LoRA)."""
+    return adapter.down.weight.detach().norm(dim=1) * adapter.up.weight.detach().norm(dim=0)
+
+
 def random_score(adapter: Adapter, *, name: str, seed: int = 0) -> torch.Tensor:
     """A random score fixed per (seed, adapter name, original neuron index).
 
@@ -98,6 +103,7 @@ SCORES: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "mimi": (lambda a, **_: mimi_score(a), True),
     "mimi-weighted": (lambda a, **_: mimi_weighted_score(a), True),
     "magnitude": (lambda a, **_: _l1(a), False),
+    "lora-norm": (lambda a, **_: lora_norm_score(a), True),
     "global-l1": (lambda a, **_: _l1(a), True),
     "random": (lambda a, *, name, seed=0, **_: random_score(a, name=name, seed=seed), True),
     "gradient": (lambda a, *, name, accumulator=None, **_: _gradient(a, name=name, accumulator=accumulator), True),

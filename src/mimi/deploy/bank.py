@@ -21,15 +21,36 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import AdaptedBranch, AdapterConfig, adapter_sites, find_blocks, new_adapter
+from ..adapters import AdaptedBranch, AdapterConfig, AdapterSite, adapter_sites, find_blocks, new_adapter
 from ..backbones import create_backbone, model_img_size, preprocessing
 from ..checkpoint import backbone_fingerprint, model_architecture
 from ..data.base import normalize, to_uint8
 from ..engine import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..methods.lora import LoRALinear
-from .routing import BankLinear, BankSite, LowRank, Router
-from .taskfile import TaskFile, read_task_file
+from .routing import BankSite, LowRank, Router
+from .taskfile import SERVABLE, TaskFile, read_task_file
+
+
+def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
+    """Every site an adapter of this placement can sit on: each branch, and each linear layer inside one."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ModelError(f"{type(model).__name__} has no transformer block with 'attn' and 'mlp'; a bank needs one")
+    targets = {"attn", "mlp"}
+    for _, block in blocks:
+        for role in ("attn", "mlp"):
+            branch = getattr(block, role)
+            targets |= {f"{role}.{n}" for n, m in branch.named_modules() if n and isinstance(m, nn.Linear)}
+    sites = {}
+    for target in sorted(targets):
+        try:
+            sites.update(
+                {s.name: s for s in adapter_sites(model, AdapterConfig(placement=placement, targets=(target,)))}
+            )
+        except ModelError:  # a layer not every block has: no task trained with add_adapters can use it
+            continue
+    return sites
 
 
 def architecture(name: str | None) -> str | None:
@@ -42,14 +63,12 @@ class _Task:
     key: str  # module-safe key used inside the backbone (task names may hold dots)
     file: TaskFile
     sites: list[str] = field(default_factory=list)  # slot paths holding one of its adapters
-    layers: list[str] = field(default_factory=list)  # linear layers holding one of its LoRA updates
     memory_bytes: int = 0
 
 
 @dataclass
 class _Built:
-    adapters: dict[str, tuple[str, nn.Module]]  # slot path -> (placement, adapter)
-    updates: dict[str, LowRank]  # layer -> update
+    adapters: dict[str, tuple[str, nn.Module]]  # slot path -> (placement, adapter or LoRA update)
     head: nn.Linear
 
 
@@ -80,7 +99,7 @@ class AdapterBank:
             model, self.weights_source = create_backbone(backbone, weights=weights, img_size=img_size)
             self.name: str | None = backbone
         elif isinstance(backbone, nn.Module):
-            if any(isinstance(m, AdaptedBranch | LoRALinear | BankSite | BankLinear) for m in backbone.modules()):
+            if any(isinstance(m, AdaptedBranch | LoRALinear | BankSite) for m in backbone.modules()):
                 raise ModelError("the backbone already holds adapters or LoRA; give the bank a bare backbone")
             model, self.weights_source = backbone, "given module"
             self.name = model_architecture(model)
@@ -100,14 +119,13 @@ class AdapterBank:
         self.fingerprint = backbone_fingerprint(model)
         self._router = Router()
         # The bare backbone's structure, recorded before any wrapping: where adapters and LoRA updates can go.
-        self._sites = {
-            p: {s.name: s for s in adapter_sites(model, AdapterConfig(placement=p))} for p in ("sequential", "parallel")
-        }
-        self._blocks = dict(find_blocks(model))
+        self._sites = {p: _all_sites(model, p) for p in ("sequential", "parallel")}
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        self._parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in self._linears}
+        slots = {s.name.removesuffix(".adapter") for sites in self._sites.values() for s in sites.values()}
+        # module objects, not paths: wrapping a branch must not change where a layer inside it is found
+        self._parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in set(self._linears) | slots}
+        self._frozen = dict(model.named_parameters())  # by their bare names (references, no copies)
         self._site_modules: dict[str, BankSite] = {}
-        self._linear_modules: dict[str, BankLinear] = {}
         self._tasks: dict[str, _Task] = {}
         self.heads = nn.ModuleDict()
         self._next_key = 0
@@ -155,15 +173,8 @@ class AdapterBank:
             site = self._site_modules[path]
             del site.adapters[entry.key], site.modes[entry.key]
             if not site.adapters:
-                block_name, _, slot = path.rpartition(".")
-                setattr(self._blocks[block_name], slot, site.branch)
+                setattr(self._parents[path], path.rpartition(".")[2], site.branch)
                 del self._site_modules[path]
-        for layer in entry.layers:
-            wrapped = self._linear_modules[layer]
-            del wrapped.updates[entry.key]
-            if not wrapped.updates:
-                setattr(self._parents[layer], layer.rpartition(".")[2], wrapped.base)
-                del self._linear_modules[layer]
         del self.heads[entry.key]
 
     def info(self) -> dict[str, dict[str, Any]]:
@@ -205,6 +216,13 @@ class AdapterBank:
                 f"{f.path}: made for {f.model or theirs}, but the bank's backbone is {self.name or mine}: another "
                 "architecture; build a bank with that backbone"
             )
+        for name, t in f.backbone_tensors.items():
+            own = self._frozen.get(name)
+            if own is None or own.shape != t.shape or not torch.equal(own, t.to(own.device, own.dtype)):
+                raise CheckpointError(
+                    f"{f.path}: the task trained {name!r}, a tensor of the backbone itself; a bank shares one frozen "
+                    f"backbone and serves tasks of {', '.join(SERVABLE)} (evaluate this one with `mimi eval`)"
+                )
         weight = f.head["weight"]
         if weight.shape[1] != self.num_features:
             raise CheckpointError(
@@ -230,7 +248,6 @@ class AdapterBank:
                 self._load(adapter, tensors, f, name)
                 adapter.neuron_ids = torch.arange(hidden, device=self.device)
                 adapters_[name.removesuffix(".adapter")] = (f.adapter_config.placement, adapter)
-        updates = {}
         for layer, spec in f.lora.items():
             base = self._linears.get(layer)
             if base is None:
@@ -245,7 +262,8 @@ class AdapterBank:
                     f"{base.out_features} at rank {rank}: the file was made for another architecture or width"
                 )
             alpha = float(spec.get("alpha") or rank)
-            updates[layer] = LowRank(a.to(self.device, self.dtype), b.to(self.device, self.dtype), alpha / rank)
+            update = LowRank(a.to(self.device, self.dtype), b.to(self.device, self.dtype), alpha / rank)
+            adapters_[layer] = ("parallel", update)  # a LoRA update is a parallel adapter of its layer
         if f.fingerprint and self.fingerprint and f.fingerprint != self.fingerprint:
             warnings.warn(
                 f"{f.path} was trained on other weights of {theirs or 'this architecture'} than the bank's "
@@ -254,7 +272,7 @@ class AdapterBank:
             )
         if f.img_size is not None and f.img_size != self.img_size:
             warnings.warn(f"{f.path} was trained at {f.img_size}px, the bank runs at {self.img_size}px", stacklevel=3)
-        return _Built(adapters_, updates, head)
+        return _Built(adapters_, head)
 
     def _load(self, module: nn.Module, tensors: dict[str, torch.Tensor], f: TaskFile, what: str) -> None:
         expected = module.state_dict()
@@ -279,12 +297,8 @@ class AdapterBank:
             site.adapters[key] = adapter
             site.modes[key] = placement
             entry.sites.append(path)
-        for layer, update in built.updates.items():
-            wrapped = self._linear_modules.get(layer) or self._wrap_linear(layer)
-            wrapped.updates[key] = update
-            entry.layers.append(layer)
         self.heads[key] = built.head
-        modules = [a for _, a in built.adapters.values()] + list(built.updates.values()) + [built.head]
+        modules = [a for _, a in built.adapters.values()] + [built.head]
         entry.memory_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         for m in modules:
             m.to(self.device).requires_grad_(False).eval()
@@ -292,18 +306,11 @@ class AdapterBank:
         self._tasks[task] = entry
 
     def _wrap_site(self, path: str) -> BankSite:
-        block_name, _, slot = path.rpartition(".")
-        block = self._blocks[block_name]
-        site = BankSite(getattr(block, slot), self._router).eval()
-        setattr(block, slot, site)
+        parent, attr = self._parents[path], path.rpartition(".")[2]
+        site = BankSite(getattr(parent, attr), self._router).eval()
+        setattr(parent, attr, site)
         self._site_modules[path] = site
         return site
-
-    def _wrap_linear(self, layer: str) -> BankLinear:
-        wrapped = BankLinear(self._linears[layer], self._router).eval()
-        setattr(self._parents[layer], layer.rpartition(".")[2], wrapped)
-        self._linear_modules[layer] = wrapped
-        return wrapped
 
     # ------------------------------------------------------------------ inference
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import merge_linear_adapters
 from ..errors import ConfigError, ModelError
 from ..io_utils import atomic_write
 from ..methods.lora import merge_lora
@@ -29,7 +30,8 @@ def export_onnx(
 ) -> dict[str, float | int | str]:
     """Write ``model`` as ONNX with a dynamic batch axis (input ``images``, output ``logits``).
 
-    LoRA updates are merged into their frozen weights first (no extra ops); the caller's model is not changed.
+    LoRA updates (ours and ``mimi-lora``'s) are merged into their frozen weights first (no extra ops); the caller's
+    model is not changed.
     With ``check``, onnxruntime runs a batch of a size other than the traced one and its logits are compared with
     PyTorch's.
 
@@ -43,7 +45,7 @@ def export_onnx(
         raise ConfigError(f"--opset must be an integer between 11 and 21, got {opset!r}")
     if img_size < 1:
         raise ConfigError(f"img_size must be positive, got {img_size}")
-    model = merge_lora(copy.deepcopy(model).float().cpu().eval())
+    model = merge_linear_adapters(merge_lora(copy.deepcopy(model).float().cpu().eval()))
     example = torch.randn(2, 3, img_size, img_size)
 
     def write(tmp: Path) -> None:

@@ -50,10 +50,10 @@ class Router:
 
 
 class BankSite(nn.Module):
-    """A frozen branch (``attn``/``mlp``/``ls1``/``ls2``) plus every task's adapter at this site.
+    """A frozen branch (``attn``/``mlp``/``ls1``/``ls2``) or linear layer, plus every task's adapter at this site.
 
     ``modes[task]`` is "sequential" (the adapter reads the branch output, the paper's placement) or "parallel"
-    (AdaptFormer: it reads the branch input).
+    (it reads the branch input: AdaptFormer, and LoRA updates of a linear layer).
     """
 
     def __init__(self, branch: nn.Module, router: Router) -> None:
@@ -83,7 +83,7 @@ class BankSite(nn.Module):
 
 
 class LowRank(nn.Module):
-    """One task's LoRA update of one layer: ``x -> scaling * B A x`` (the frozen base lives in :class:`BankLinear`)."""
+    """One task's LoRA update of one layer, ``x -> scaling * B A x``: a parallel adapter of that layer's site."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         super().__init__()
@@ -93,28 +93,3 @@ class LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
-
-
-class BankLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus every task's low-rank update on it (LoRA tasks)."""
-
-    def __init__(self, base: nn.Linear, router: Router) -> None:
-        super().__init__()
-        self.base = base
-        self.updates = nn.ModuleDict()  # task -> LowRank
-        self.router = router
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        r = self.router
-        if r.single is not None:
-            return y + self.updates[r.single](x) if r.single in self.updates else y
-        out = None
-        for task in r.groups:
-            if task not in self.updates:
-                continue
-            rows = r.rows(task, y.shape[0])
-            delta = self.updates[task](x.index_select(0, rows))
-            out = y.clone() if out is None else out
-            out.index_add_(0, rows, delta.to(out.dtype))
-        return y if out is None else out

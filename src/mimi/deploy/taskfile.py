@@ -2,7 +2,8 @@
 
 A task is what a bank adds to its shared backbone: adapters of their own sizes at named sites, LoRA updates on
 named linear layers, and a classifier head. Anything else a file trains (backbone norms, biases, prompts, SSF
-scales) would change the shared backbone itself, so such files are refused here.
+scales) would change the shared backbone itself: such tensors are kept apart (``backbone_tensors``) and a bank
+accepts the file only if they equal its own backbone's (e.g. a linear probe saved without freezing the backbone).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TaskFile:
         adapter_tensors: ``<adapter name> -> {"down.weight": ..., "up.weight": ..., ...}``.
         lora_tensors: ``<layer name> -> {"lora_a.weight": ..., "lora_b.weight": ...}``.
         head: ``{"weight": (C, F), "bias": (C,)}``.
+        backbone_tensors: other tensors listed as trained, by name (they must equal the serving backbone's).
         file_bytes: size on disk.
         stored_dtype: dtype of the stored tensors.
         adapter_params: parameters of the adapters or LoRA updates (head excluded).
@@ -61,6 +63,7 @@ class TaskFile:
     adapter_tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     lora_tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     head: dict[str, torch.Tensor] = field(repr=False)
+    backbone_tensors: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     file_bytes: int = 0
     stored_dtype: str = "float32"
     adapter_params: int = 0
@@ -73,7 +76,7 @@ class TaskFile:
 
     def without_tensors(self) -> TaskFile:
         """The same description, tensors dropped (once they live in modules, keeping them would double memory)."""
-        return dataclasses.replace(self, adapter_tensors={}, lora_tensors={}, head={})
+        return dataclasses.replace(self, adapter_tensors={}, lora_tensors={}, head={}, backbone_tensors={})
 
 
 def _json(meta: dict[str, str], key: str, default):
@@ -96,6 +99,7 @@ def _split(path: Path, tensors: dict[str, torch.Tensor], trainable: list[str], h
     adapter_t: dict[str, dict[str, torch.Tensor]] = {}
     lora_t: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
+    other: dict[str, torch.Tensor] = {}
     for name in trainable:
         t = tensors[name]
         if name in head_names:
@@ -109,13 +113,10 @@ def _split(path: Path, tensors: dict[str, torch.Tensor], trainable: list[str], h
         if layer is not None:
             lora_t.setdefault(layer, {})[name[len(layer) + 1 :]] = t
             continue
-        raise CheckpointError(
-            f"{path}: the task trains {name!r}, a tensor of the backbone itself; a bank shares one frozen backbone "
-            f"and serves only tasks of {', '.join(SERVABLE)} (evaluate this one with `mimi eval`)"
-        )
+        other[name] = t
     if set(head) - {"weight", "bias"} or "weight" not in head or head["weight"].ndim != 2:
         raise CheckpointError(f"{path}: no linear classifier head in the file (head tensors {sorted(head)})")
-    return adapter_t, lora_t, head
+    return adapter_t, lora_t, head, other
 
 
 def read_task_file(path: str | Path) -> TaskFile:
@@ -136,7 +137,7 @@ def read_task_file(path: str | Path) -> TaskFile:
     lora: dict[str, dict] = _json(meta, "lora", {})
     if config is not None and config.train_norms:
         raise CheckpointError(f"{path}: the task trains the backbone's norms; a bank serves frozen-backbone tasks only")
-    adapter_t, lora_t, head = _split(path, tensors, trainable, _json(meta, "head", []), sizes, lora)
+    adapter_t, lora_t, head, other = _split(path, tensors, trainable, _json(meta, "head", []), sizes, lora)
     method = meta.get("method") or _infer_method(config, lora)
     if method not in SERVABLE:
         raise CheckpointError(f"{path}: method {method!r} cannot be served by a bank; servable: {', '.join(SERVABLE)}")
@@ -156,6 +157,7 @@ def read_task_file(path: str | Path) -> TaskFile:
         adapter_tensors=adapter_t,
         lora_tensors=lora_t,
         head=head,
+        backbone_tensors=other,
         file_bytes=path.stat().st_size,
         stored_dtype=meta.get("stored_dtype", str(next(iter(tensors.values())).dtype).removeprefix("torch.")),
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..adapters import find_blocks, freeze_backbone, uniform_adapter_params
+from ..adapters import AdaptedBranch, AdapterConfig, add_adapters, find_blocks, freeze_backbone, uniform_adapter_params
 from ..errors import ConfigError, ModelError
 from .base import Method, method_kwargs, register
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 DEFAULT_RANK = 8
+MIMI_LORA_RANK = 16  # starting rank of mimi-lora, pruned down to the budget
 
 
 class LoRALinear(nn.Module):
@@ -115,6 +116,7 @@ def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> 
             except AttributeError as e:
                 raise ModelError(f"block {block_name!r} has no submodule {target!r} to adapt with LoRA") from e
             layer = layer.base if isinstance(layer, LoRALinear) else layer
+            layer = layer.branch if isinstance(layer, AdaptedBranch) else layer  # mimi-lora wraps it
             if not isinstance(layer, nn.Linear):
                 raise ModelError(f"{block_name}.{target} is a {type(layer).__name__}, LoRA needs an nn.Linear")
             found.append((f"{block_name}.{target}", layer))
@@ -258,3 +260,34 @@ class LoRA(Method):
             "lora_layers": len(layers),
             "lora_params": lora_param_count(model),
         }
+
+
+@register("mimi-lora")
+class MiMiLoRA(Method):
+    description = (
+        "MiMi over LoRA ranks: rank-16 updates on qkv/proj/fc1/fc2, rank-1 components pruned (--score mimi or "
+        "lora-norm) to --budget-params, retrained after every cut"
+    )
+    prunes = True
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+        """A LoRA update ``scale * B A x`` is a linear adapter: parallel, no activation, no bias, on an nn.Linear.
+
+        Written that way, MiMi's scores, physical pruning (row j of A with column j of B), budgets, checkpoints
+        and the bank apply to it unchanged; a layer pruned to rank 0 gets its plain nn.Linear back.
+        """
+        kw = method_kwargs(cfg, {"rank": None, "alpha": None, "targets": list(DEFAULT_TARGETS)})
+        rank = kw["rank"] or cfg.adapter_dim or MIMI_LORA_RANK
+        if not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"method mimi-lora: the starting rank must be a positive integer, got {rank!r}")
+        alpha = float(kw["alpha"] if kw["alpha"] is not None else rank)
+        config = AdapterConfig(
+            hidden_dim=rank,
+            placement="parallel",
+            act="identity",
+            bias=False,
+            scale=alpha / rank,  # fixed at the starting rank: pruning a component does not rescale the others
+            targets=tuple(kw["targets"]),
+            init_seed=cfg.seed,
+        )
+        return add_adapters(model, config)
