@@ -173,7 +173,7 @@ def test_clear_errors(tmp_path, capsys, finished_run):
     assert "needs a budget" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
     assert main(["eval", str(tmp_path / "missing")]) == 2
-    assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert main(["train", "--resume", str(out), "--epochs", "3"]) == 2
     assert "--resume takes the run's own config" in capsys.readouterr().err
 
 

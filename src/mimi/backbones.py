@@ -15,7 +15,7 @@ import timm
 from timm.data import resolve_data_config
 from torch import nn
 
-from .errors import BackboneError
+from .errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,38 @@ def _from_importer(source: str, name: str, num_classes: int, kw: dict[str, Any])
     return model
 
 
-def _from_file(path: Path, name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+def check_weights_source(weights: str | None) -> None:
+    """Raise unless ``weights`` is a known source name or an existing file of a supported type."""
+    w = (weights or "none").strip()
+    if w in ("none", "auto", "hub") or w in IMPORTERS:
+        return
+    path = Path(w).expanduser()
+    if path.suffix not in _FILE_SUFFIXES:
+        raise BackboneError(
+            f"--weights {w}: neither a weight source (auto, hub, none, {', '.join(IMPORTERS)}) nor a weight file "
+            f"({', '.join(_FILE_SUFFIXES)})"
+        )
     if not path.is_file():
         raise BackboneError(f"--weights {path}: no such file")
-    if path.suffix not in _FILE_SUFFIXES:
-        raise BackboneError(f"--weights {path}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}")
+
+
+def check_img_size(model: nn.Module, name: str) -> None:
+    """Patch-embedding models need an image size that is a multiple of their patch size."""
+    pe = getattr(model, "patch_embed", None)
+    patch, size = getattr(pe, "patch_size", None), getattr(pe, "img_size", None)
+    if patch is None or size is None or getattr(pe, "dynamic_img_pad", False):
+        return
+    patch = tuple(patch) if isinstance(patch, tuple | list) else (patch, patch)
+    size = tuple(size) if isinstance(size, tuple | list) else (size, size)
+    if any(s % p for s, p in zip(size, patch)):
+        ok = max(patch[0], size[0] // patch[0] * patch[0])
+        raise ConfigError(
+            f"--img-size {size[0]} is not a multiple of the patch size {patch[0]} of {name}; use e.g. {ok}"
+        )
+
+
+def _from_file(path: Path, name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    check_weights_source(str(path))
     # timm's own pretrained path: resamples position embeddings, drops a mismatched head,
     # reads .pth/.bin with torch.load(weights_only=True) and .npz with the model's own loader.
     overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
@@ -69,10 +96,22 @@ def _from_file(path: Path, name: str, num_classes: int, kw: dict[str, Any]) -> n
         return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kw)
     except (RuntimeError, KeyError, ValueError) as e:
         raise BackboneError(f"--weights {path}: does not fit {name} ({str(e).splitlines()[0][:200]})") from e
+    except Exception as e:  # safetensors / pickle readers raise their own types on a damaged file
+        raise BackboneError(
+            f"--weights {path}: cannot read the file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "it is damaged or truncated"
+        ) from e
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE=1`` (huggingface_hub's own switch): the cache only, and no network call at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers at all (a closed network otherwise costs a minute of retries)."""
+    if hub_offline():
+        return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -105,8 +144,9 @@ def _from_hub(name: str, num_classes: int, kw: dict[str, Any], *, strict: bool) 
         raise
     except Exception as e:  # network / cache errors come in many types (OSError, HF errors, RuntimeError)
         if strict:
+            where = "its local cache (HF_HUB_OFFLINE is set)" if hub_offline() else "the hub or its cache"
             raise BackboneError(
-                f"cannot load pretrained weights of {name} from the hub or its cache ({type(e).__name__}); "
+                f"cannot load pretrained weights of {name} from {where}: {type(e).__name__}; "
                 "pass --weights PATH (or --weights imgfocus for the offline ViT-S/14)"
             ) from e
         log.warning("no pretrained weights for %s reachable (%s): using RANDOM initialisation", name, type(e).__name__)

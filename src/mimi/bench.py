@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import re
 import subprocess
@@ -35,6 +36,8 @@ from .cli import command
 from .config import TrainConfig, load_yaml
 from .errors import ConfigError
 from .io_utils import atomic_write_json
+from .methods import get_method
+from .scores import SCORES
 
 
 @dataclass
@@ -89,7 +92,10 @@ class BenchSpec:
                                 cfg["data_root"] = self.data_roots[task.split(":")[0]]
                             rid = _run_id(task, label, grid, seed)
                             cfg["out"] = str(Path(self.runs) / rid)
-                            TrainConfig.from_dict(cfg)  # validate early: a typo fails before hours of runs
+                            checked = TrainConfig.from_dict(cfg)  # validate early: a typo fails before hours of runs
+                            get_method(checked.method)
+                            if checked.score not in SCORES:
+                                raise ConfigError(f"unknown score {checked.score!r}; choose one of {sorted(SCORES)}")
                             runs.append(BenchRun(rid, task, group, label, seed, grid, cfg))
         return runs
 
@@ -187,6 +193,50 @@ def run_one(run: BenchRun, results: Path, *, log=print) -> dict[str, Any]:
     return record
 
 
+def claim(results: Path, run_id: str) -> bool:
+    """Atomically take ``run_id`` for this process (a file created with O_EXCL); False if another live worker has it.
+
+    A claim left by a dead process of this host is taken over; one from another host is respected (delete
+    ``RESULTS/.claims`` by hand after a crash there).
+    """
+    folder = results / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.claim"
+    me = f"{platform.node()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _stale(path):
+                return False
+            path.unlink(missing_ok=True)  # its worker died: take the run over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _stale(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return False  # being written right now
+    if host != platform.node():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release(results: Path, run_id: str) -> None:
+    (results / ".claims" / f"{run_id}.claim").unlink(missing_ok=True)
+
+
 def _shard(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text)
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
@@ -220,15 +270,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(f"  todo {run.id}")
             continue
-        print(f"[{k + 1}/{len(runs)}] {run.id}")
-        rec = run_one(run, results, log=(lambda s: None) if args.quiet else print)
+        if not claim(results, run.id):
+            continue  # another worker is running it
+        try:
+            if _status(results / f"{run.id}.json") == "ok":
+                continue  # finished by another worker between our check and our claim
+            print(f"[{k + 1}/{len(runs)}] {run.id}")
+            rec = run_one(run, results, log=(lambda s: None) if args.quiet else print)
+        finally:
+            release(results, run.id)
         failed += rec["status"] != "ok"
         acc = f"test {100 * rec['test_acc']:.2f}%" if rec["status"] == "ok" else rec["error"]
         print(f"    {rec['status']}: {acc} ({rec['wall_seconds']:.0f}s)")
     if args.report and not args.dry_run:
-        from .bench_report import write_report
+        from .bench_report import load_results, write_report
 
-        write_report(results)
+        if load_results(results):  # nothing yet when other workers hold every run
+            write_report(results)
     return 1 if failed else 0
 
 

@@ -14,8 +14,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .errors import ConfigError  # noqa: E402
 from .io_utils import atomic_write, atomic_write_text  # noqa: E402
 from .report import _block_grid, human, save_size_grid  # noqa: E402
+from .stats import MeanSE, PairedDiff, mean_se, paired_difference  # noqa: E402
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 
@@ -70,13 +72,14 @@ def _groups(recs: list[dict]) -> dict[str, list[str]]:
     return {g: groups[g] for g in order}
 
 
-def aggregate(recs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> task -> {acc, std, params, n}: mean over seeds of the final test accuracy."""
+def aggregate(recs: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant -> task -> {acc, se, std, params, n}: mean over seeds of the final test accuracy, its standard
+    error (None with one seed), population std and the number of seeds."""
     cells: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in recs:
         if r["status"] == "ok":
             cells[variant(r)][r["task"]].append(r)
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for v, tasks in cells.items():
         out[v] = {}
         for t, rs in tasks.items():
@@ -84,6 +87,7 @@ def aggregate(recs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
             params = [r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs]
             out[v][t] = {
                 "acc": statistics.mean(accs),
+                "se": mean_se(accs).se,
                 "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "params": statistics.mean(params),
                 "n": len(rs),
@@ -101,10 +105,15 @@ def _means(cells: dict[str, dict], groups: dict[str, list[str]]) -> tuple[float 
     return task_mean, group_mean
 
 
+def fmt_mean_se(s: MeanSE) -> str:
+    """'85.10' for one seed, '85.10 ± 0.32 (3)' (mean ± standard error (seeds)) for more."""
+    return f"{s.mean:.2f}" if s.se is None else f"{s.mean:.2f} ± {s.se:.2f} ({s.n})"
+
+
 def _fmt(cell: dict | None) -> str:
     if cell is None:
         return "–"
-    return f"{cell['acc']:.1f}" + (f" ±{cell['std']:.1f}" if cell["n"] > 1 else "")
+    return fmt_mean_se(MeanSE(cell["acc"], cell["se"], cell["n"]))
 
 
 def main_table(agg: dict, groups: dict[str, list[str]]) -> list[list[str]]:
@@ -192,8 +201,8 @@ def _cycle_points(ok: list[dict], budget: int, slack: float) -> list[dict]:
     return points
 
 
-def budget_table(ok: list[dict], slack: float = 0.02) -> list[list[str]]:
-    """Methods sized by the same budget, side by side, each against MiMi on the tasks both ran.
+def same_budget(ok: list[dict], slack: float = 0.02) -> dict[int, dict[str, list[dict]]]:
+    """Budget r -> method -> runs: the methods sized by the same budget, MiMi's runs among them.
 
     Where MiMi was not run to a budget, the cycle of a MiMi run to a smaller budget that lands within
     ``slack`` below it stands in (with as many epochs as a run to that budget would spend)."""
@@ -210,6 +219,13 @@ def budget_table(ok: list[dict], slack: float = 0.02) -> list[list[str]]:
         if not any(_is_mimi(rs[0]) for rs in named.values()) and rr in budgets:
             for point in _cycle_points(ok, budgets[rr], slack):
                 named[point["label"]].append(point)
+    return by_r
+
+
+def budget_table(ok: list[dict], slack: float = 0.02) -> list[list[str]]:
+    """Methods sized by the same budget (see ``same_budget``), side by side, each against MiMi on the tasks
+    both ran."""
+    by_r = same_budget(ok, slack)
     rows = [
         ["budget r", "method", "params (no head)", "tasks", "mean test acc", "mimi, same tasks", "gap (above/below)"]
     ]
@@ -218,6 +234,73 @@ def budget_table(ok: list[dict], slack: float = 0.02) -> list[list[str]]:
         ref = next((n for n, rs in named.items() if _is_mimi(rs[0])), None)
         if len(named) > 1:
             rows += [[str(rr)] + row for row in _compare_rows(named, ref)]
+    return rows
+
+
+def _by_pair(recs: list[dict]) -> dict[tuple[str, int], float]:
+    """(task, seed) -> test accuracy (%). Records sharing a pair are averaged: MiMi's stand-in cycles can come
+    from runs to several smaller budgets, with the same seed."""
+    accs: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in recs:
+        accs[(r["task"], r.get("seed", 0))].append(100 * r["test_acc"])
+    return {k: statistics.mean(v) for k, v in accs.items()}
+
+
+def _verdict(d: PairedDiff, n_seeds: int, name: str) -> str:
+    if d.n < 2:  # one pair resamples to itself: no interval to judge by
+        return "one pair, no interval"
+    if d.holds(0.0):
+        return f"not separable at {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    return f"{name} ahead" if d.mean > 0 else "mimi ahead"
+
+
+def _paired_cells(
+    name: str, mine: dict[tuple[str, int], float], ref: dict[tuple[str, int], float], seed: int
+) -> list[str] | None:
+    """Cells ``pairs (seeds), mean diff, interval, tasks above/below, verdict`` of ``mine - ref``."""
+    pairs = sorted(set(mine) & set(ref))
+    if not pairs:
+        return None
+    d = paired_difference([mine[p] for p in pairs], [ref[p] for p in pairs], seed=seed)
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for t, s in pairs:
+        per_task[t].append(mine[(t, s)] - ref[(t, s)])
+    # the mean of a task's paired differences is the gap between its two means over the same seeds
+    gaps = [statistics.mean(v) for v in per_task.values()]
+    n_seeds = len({s for _, s in pairs})
+    interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
+    return [
+        f"{d.n} ({n_seeds})",
+        f"{d.mean:+.2f}",
+        interval,
+        f"{sum(g > 0 for g in gaps)}/{sum(g < 0 for g in gaps)}",
+        _verdict(d, n_seeds, name),
+    ]
+
+
+def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[list[str]]:
+    """Each method minus MiMi at the same budget (see ``same_budget``), paired by (task, seed): the mean
+    difference in points, its 95% percentile bootstrap interval (pairs resampled; ``seed`` fixes the
+    resamples so the report is reproducible), and the tasks above / below MiMi by their means over seeds."""
+    by_r = same_budget(ok, slack)
+    rows = [
+        [
+            "budget r",
+            "method",
+            "pairs (seeds)",
+            "method − mimi",
+            "95% bootstrap interval",
+            "tasks above/below",
+            "verdict",
+        ]
+    ]
+    for rr in sorted(by_r, reverse=True):
+        # all MiMi entries at r pool into one reference: stand-in cycles are labelled by their cycle number
+        ref = _by_pair([r for rs in by_r[rr].values() if _is_mimi(rs[0]) for r in rs])
+        for name, rs in sorted(by_r[rr].items()):
+            cells = None if _is_mimi(rs[0]) else _paired_cells(name, _by_pair(rs), ref, seed)
+            if cells is not None:
+                rows.append([str(rr), name] + cells)
     return rows
 
 
@@ -252,36 +335,57 @@ def _html(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+Point = tuple[float, float, float | None]  # params, accuracy (%), its standard error over seeds (None: one seed)
+
+
+def _task_points(ok: list[dict], task: str) -> dict[str, list[Point]]:
+    """Plot line -> one point per variant on ``task``: mean params and mean ± SE of accuracy over seeds."""
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in ok:
+        if r["task"] == task:
+            runs[(line_key(r), variant(r))].append(r)
+    by_label: dict[str, list[Point]] = defaultdict(list)
+    for (label, _), rs in runs.items():
+        acc = mean_se([100 * r["test_acc"] for r in rs])
+        params = statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
+        by_label[label].append((params, acc.mean, acc.se))
+    return by_label
+
+
+def _mean_points(ok: list[dict]) -> dict[str, list[Point]]:
+    """Plot line -> one point per variant that ran on every task: means over tasks. The error bar is the
+    standard error of that mean, sqrt(sum of squared per-task SEs) / tasks (seeds independent across tasks),
+    only where every task has two seeds or more: a single seed says nothing about its own spread."""
+    agg = aggregate(ok)
+    n_tasks = len({r["task"] for r in ok})
+    by_label: dict[str, list[Point]] = defaultdict(list)
+    for v, cells in agg.items():
+        if len(cells) == n_tasks:
+            label = next(line_key(r) for r in ok if variant(r) == v)
+            ses = [c["se"] for c in cells.values()]
+            se = None if None in ses else sum(e * e for e in ses) ** 0.5 / n_tasks
+            params = statistics.mean(c["params"] for c in cells.values())
+            by_label[label].append((params, statistics.mean(c["acc"] for c in cells.values()), se))
+    return by_label
+
+
 def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
-    """Accuracy vs trainable parameters (log x): one line per method label; MiMi cycles dotted."""
+    """Accuracy vs trainable parameters (log x): one line per method label, ± SE bars where a point has two
+    seeds or more; MiMi cycles dotted."""
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     ok = [r for r in recs if r["status"] == "ok"]
-    by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    if task is not None:
-        for r in ok:
-            if r["task"] == task:
-                by_label[line_key(r)].append(
-                    (r["params"]["trainable_without_head"] or r["params"]["trainable"], 100 * r["test_acc"])
-                )
-    else:  # mean over tasks, only for variants that ran on every task
-        agg = aggregate(ok)
-        n_tasks = len({r["task"] for r in ok})
-        for v, cells in agg.items():
-            if len(cells) == n_tasks:
-                label = next(line_key(r) for r in ok if variant(r) == v)
-                by_label[label].append(
-                    (
-                        statistics.mean(c["params"] for c in cells.values()),
-                        statistics.mean(c["acc"] for c in cells.values()),
-                    )
-                )
+    by_label = _task_points(ok, task) if task is not None else _mean_points(ok)
     for i, (label, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
-        xs, ys = zip(*pts)
+        xs, ys, errs = zip(*pts)
         style = dict(color=plt.cm.tab20(i % 20), marker="os^vD<>ph*P"[i % 11], markersize=6, linewidth=1.2)
         if label == "mimi":  # the method of this project: drawn on top, thicker
             style.update(color="black", marker="*", markersize=11, linewidth=2.2, zorder=5)
         ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", label=label, **style)
+        bars = [(x, y, e) for x, y, e in zip(xs, ys, errs) if e is not None]
+        if bars:
+            bx, by, be = zip(*bars)
+            ax.errorbar(bx, by, yerr=be, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3, zorder=5)
     if task is not None:
         for r in ok:
             if r["task"] == task and len(r.get("cycles", [])) > 1:
@@ -333,7 +437,14 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
     """Render ``report.md``, ``report.html`` and PNG plots from the JSONs in ``results``."""
     results = Path(results)
     out = Path(out) if out is not None else results / "report"
+    if not results.is_dir():
+        raise ConfigError(f"{results}: no such folder; give the results folder of a bench spec")
     recs = load_results(results)
+    if not recs:
+        raise ConfigError(
+            f"{results}: no result JSON of `mimi bench` here; give the folder a spec's `results:` names "
+            "(e.g. benchmarks/results/minivtab)"
+        )
     ok = [r for r in recs if r["status"] == "ok"]
     failed = [r for r in recs if r["status"] != "ok"]
     groups = _groups(recs)
@@ -344,14 +455,15 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
             plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
     sizes = plot_mimi_sizes(ok, out / "mimi_sizes.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
-    btable, atable = budget_table(ok), ablation_table(ok)
+    btable, ptable, atable = budget_table(ok), paired_table(ok), ablation_table(ok)
     wall = sum(r.get("wall_seconds", 0) for r in recs)
     lines = [
         "# Benchmark report",
         "",
         f"{len(ok)} runs ok, {len(failed)} failed; {len(groups)} groups, "
         f"{sum(len(t) for t in groups.values())} tasks; total wall time {wall / 3600:.2f} h. "
-        "Test top-1 accuracy (%) of each run's final model (test is never used to select anything); "
+        "Test top-1 accuracy (%) of each run's final model (test is never used to select anything), mean over "
+        "seeds, with ± its standard error and (the number of seeds) where there are two or more; "
         "params = trainable parameters without the classifier head, mean over tasks.",
         "",
         "## Per task",
@@ -372,6 +484,18 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
             "tasks, the mean gap, and the number of tasks where the method is above / below MiMi.",
             "",
             _md(btable),
+            "",
+        ]
+    if len(ptable) > 1:
+        lines += [
+            "## Against MiMi at the same budget, paired by seed",
+            "",
+            "Each method minus MiMi (test accuracy, points) at the same budget r, over the (task, seed) pairs "
+            "both ran (a task with more seeds weighs more): the mean difference, its 95% percentile bootstrap "
+            "interval (10,000 resamples of the pairs, fixed seed), and the tasks where the method's mean over "
+            "those seeds is above / below MiMi's. An interval holding 0 is not separable at that many seeds.",
+            "",
+            _md(ptable),
             "",
         ]
     if atable:
@@ -397,6 +521,7 @@ def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
         f"<h1>Benchmark report</h1><p>{html.escape(lines[2])}</p><h2>Per task</h2>{_html(table)}"
         f"<h2>Per group</h2>{_html(gtable)}"
         + (f"<h2>At the same budget</h2>{_html(btable)}" if len(btable) > 1 else "")
+        + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
         + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
         + "<h2>Plots</h2>"
         + "".join(f'<img src="{p.name}" style="max-width:48%">' for p in plots + ([sizes] if sizes else []))

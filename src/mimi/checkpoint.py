@@ -121,9 +121,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def check_architecture(model: nn.Module, meta: dict[str, str], path: str | Path) -> None:
+    """Refuse a file recorded as made for another timm architecture than ``model`` (when both are known)."""
+    theirs = meta.get("architecture") or (meta["model"].split(".")[0] if meta.get("model") else None)
+    mine = model_architecture(model)
+    if theirs and mine and theirs != mine:
+        raise CheckpointError(
+            f"{path}: made for {meta.get('model') or theirs}, not for {mine}; use the backbone it was trained with"
+        )
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: a truncated or damaged safetensors file ({e}); write it again") from e
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
@@ -138,6 +151,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         The same model, modified in place.
     """
     meta = read_metadata(path)
+    check_architecture(model, meta, path)
     tensors = load_tensors(path)
     config_d = json.loads(meta["adapter_config"])
     sizes: dict[str, int] = json.loads(meta["sizes"])
@@ -174,6 +188,7 @@ def restore_trained(
     Parameters listed as trainable in the file become trainable, every other one is frozen.
     """
     meta = meta if meta is not None else read_metadata(path)
+    check_architecture(model, meta, path)
     tensors = tensors if tensors is not None else load_tensors(path)
     expected = set(json.loads(meta["trainable"]))
     params = dict(model.named_parameters())

@@ -1,6 +1,7 @@
 """The `mimi` command line. Flags of `mimi train` are generated from :class:`mimi.config.TrainConfig`.
 
-Every subcommand turns a :class:`mimi.errors.MimiError` into one line on stderr and exit code 2.
+Every subcommand turns a :class:`mimi.errors.MimiError` into one line on stderr and exit code 2 (3 when training
+stopped on its own, e.g. a NaN loss: the run is resumable); `mimi --debug ...` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, MimiError
+from .errors import ConfigError, MimiError, TrainingError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -87,12 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .report import cycle_table
 
     if args.resume is not None:
-        given = sorted(k for k in vars(args) if k not in ("resume", "config", "command", "func"))
+        given = sorted(k for k in vars(args) if k not in ("resume", "config", "command", "func", "debug", "lr"))
         if given or args.config:
             raise ConfigError(
-                f"--resume takes the run's own config; drop {['--' + g.replace('_', '-') for g in given]}"
+                f"--resume takes the run's own config (only --lr may change); "
+                f"drop {['--' + g.replace('_', '-') for g in given] or ['--config']}"
             )
-        summary = trainer.resume(args.resume)
+        summary = trainer.resume(args.resume, lr=getattr(args, "lr", None))
         run_dir = args.resume
     else:
         cfg = config_from_args(args, TrainConfig)
@@ -255,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mimi", description="Finetune frozen ViTs with mini adapters (MiMi).")
     parser.add_argument("--version", action="version", version=f"mimi {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, setup, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -269,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MimiError as e:
+        if args.debug:
+            raise
         print(f"mimi {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, TrainingError) else 2
     except KeyboardInterrupt:
         print(f"mimi {args.command}: interrupted", file=sys.stderr)
         return 130

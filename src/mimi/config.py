@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"config: unknown keys {unknown}; see `mimi train --help`")
-        return cls(**d)
+        return cls(**{k: _typed(k, v) for k, v in d.items()})
 
     def save(self, path: str | Path) -> None:
         from .io_utils import atomic_write_text
@@ -113,6 +115,24 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(load_yaml(path))
+
+
+def _typed(key: str, value: Any) -> Any:
+    """``value`` checked against the field's type (ints accepted where floats are expected)."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[key]
+    allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None and type(None) in allowed:
+        return value
+    for t in allowed:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool, dict, list) and isinstance(value, t):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config: {key} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,6 +91,9 @@ def train_epoch(
         with autocast(ctx.device, ctx.amp_dtype):
             logits = model(x)  # (B, C)
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+        value = loss.item()  # one sync per step, needed for the running mean anyway
+        if not math.isfinite(value):  # stop before the step: NaN gradients would spoil every weight
+            raise TrainingError(f"the loss became {value} at step {ctx.scheduler.last_epoch}")
         ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if ctx.after_backward is not None:
@@ -101,7 +104,7 @@ def train_epoch(
         ctx.optimizer.step()
         ctx.scheduler.step()
         n = y.numel()
-        total_loss += loss.item() * n
+        total_loss += value * n
         correct += (logits.argmax(-1) == y).sum().item()
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")

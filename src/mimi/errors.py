@@ -25,3 +25,7 @@ class DataError(MimiError):
 
 class BackboneError(MimiError):
     """A backbone or its weights cannot be created or loaded."""
+
+
+class TrainingError(MimiError):
+    """Training cannot go on (loss became NaN/inf, disk full); the last good checkpoint is kept. Exit code 3."""

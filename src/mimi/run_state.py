@@ -64,12 +64,15 @@ def read_json(path: Path, default: Any) -> Any:
 
 
 def truncate_metrics(path: Path, position: dict) -> None:
-    """Drop epoch lines written after the checkpoint (they will be written again)."""
+    """Drop epoch lines written after the checkpoint (they will be written again), and a torn last line."""
     if not path.is_file():
         return
     keep = []
     for line in path.read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill mid-write
+            continue
         if (rec["cycle"], rec["epoch"]) <= (position["cycle"], position["epoch"]):
             keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,14 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .adapters import adapter_param_count, adapter_roles, adapters, count_trainable, uniform_adapter_params
-from .backbones import backbone_param_count, create_backbone, model_img_size, preprocessing
+from .backbones import (
+    backbone_param_count,
+    check_img_size,
+    check_weights_source,
+    create_backbone,
+    model_img_size,
+    preprocessing,
+)
 from .config import TrainConfig
 from .data import TaskData, build_task
 from .engine import (
@@ -38,12 +46,12 @@ from .engine import (
     train_epoch,
     warmup_cosine,
 )
-from .errors import CheckpointError, ConfigError
-from .io_utils import atomic_write_json
+from .errors import CheckpointError, ConfigError, TrainingError
+from .io_utils import atomic_write_json, remove_stale_temp_files
 from .methods import Method, get_method
 from .run_state import optimizer_state, read_json, save_checkpoint, truncate_metrics
 from .schedule import MiMiPruner
-from .scores import GradientAccumulator
+from .scores import SCORES, GradientAccumulator
 from .shrink import apply_plan
 
 
@@ -85,6 +93,75 @@ def steps_per_epoch(cfg: TrainConfig, task: TaskData) -> int:
 
 def cycle_epochs(cfg: TrainConfig, cycle: int) -> int:
     return cfg.first_epochs if cycle == 0 and cfg.first_epochs is not None else cfg.epochs
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no weights and no decoded image, so that bad input fails in seconds, writing nothing.
+
+    Names (method, score, model, dataset, weights source), flags that depend on the model (image size against the
+    patch size; a pruning budget against the adapters at insertion and the cheapest neuron), the data listing
+    (split files, image files, labels, paths) and whether the output folder can be created.
+    """
+    if not cfg.data:
+        raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
+    method = get_method(cfg.method)
+    if cfg.score not in SCORES:
+        raise ConfigError(f"unknown score {cfg.score!r}; choose one of {', '.join(sorted(SCORES))}")
+    check_weights_source(cfg.weights)
+    with torch.device("meta"):  # the architecture alone: no memory, no weights
+        model, _ = create_backbone(cfg.model, weights="none", img_size=cfg.img_size, model_kwargs=cfg.model_kwargs)
+    check_img_size(model, cfg.model)
+    task = build_task(
+        cfg.data,
+        root=cfg.data_root,
+        img_size=model_img_size(model),
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        trainval=cfg.trainval,
+        check_only=True,
+    )
+    if method.prunes:
+        model.reset_classifier(task.num_classes)
+        with torch.device("meta"):
+            model = method.prepare(model, cfg, total_steps=1)
+        check_budget(cfg, model)
+    probe_out(Path(cfg.out))
+
+
+def check_budget(cfg: TrainConfig, model: nn.Module) -> None:
+    """A pruning run must have something to prune, and must keep at least one neuron."""
+    budget = resolve_budget(cfg, model)
+    if budget is None:
+        raise ConfigError(f"method {cfg.method} needs a budget: pass --budget-params N or --budget-dim H")
+    start = adapter_param_count(model)
+    cheapest = min((a.num_params(1) for _, a in adapters(model)), default=0)
+    if budget >= start:
+        raise ConfigError(
+            f"budget {budget:,} is at or above the {start:,} adapter parameters at insertion: nothing to prune; "
+            "lower --budget-params / --budget-dim, raise --adapter-dim, or train with --method adapter"
+        )
+    if budget < cheapest:
+        raise ConfigError(
+            f"budget {budget:,} is below the cheapest adapter neuron ({cheapest:,} parameters): every adapter would "
+            "be removed; raise the budget, or train only the head with --method linear"
+        )
+
+
+def probe_out(out: Path) -> None:
+    """Raise if the output folder cannot be created; leave nothing behind."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; pick a folder")
+        return
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".mimi-probe-", dir=ancestor)).rmdir()
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot create the output folder in {ancestor} ({e.strerror}); pick a folder you can write to"
+        ) from e
 
 
 def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
@@ -174,6 +251,8 @@ class Trainer:
         opt = make_optimizer(self.run.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if state is not None:
             opt.load_state_dict(state)
+            for group in opt.param_groups:  # the schedule scales cfg.lr, which --resume --lr may have changed
+                group["initial_lr"] = self.cfg.lr
         total = max(1, cycle_epochs(self.cfg, cycle) * steps_per_epoch(self.cfg, self.run.task))
         factor = warmup_cosine(total, self.cfg.warmup)
         if step > 0:
@@ -245,7 +324,15 @@ class Trainer:
                 seed=self.cfg.seed * 100_003 + cycle * 1009 + epoch,
             )
             te = time.perf_counter()
-            stats = train_epoch(self.run.model, data, ctx, progress=self.cfg.progress, desc=f"c{cycle} e{epoch + 1}")
+            try:
+                stats = train_epoch(
+                    self.run.model, data, ctx, progress=self.cfg.progress, desc=f"c{cycle} e{epoch + 1}"
+                )
+            except TrainingError as e:
+                raise TrainingError(
+                    f"{e} (cycle {cycle}, epoch {epoch + 1}); the last good checkpoint is kept: continue with a "
+                    f"lower learning rate, `mimi train --resume {self.run.out} --lr {self.cfg.lr / 10:g}`"
+                ) from e
             val = self._eval("val")
             stats.update(
                 val_acc=val["acc"],
@@ -314,7 +401,21 @@ class Trainer:
         self.log(f"   selected epoch {self.best['epoch']} (val {self.best['val_acc']:.4f})")
 
     def fit(self, *, resume_state: dict | None = None) -> list[dict]:
-        """Train cycle 0, then prune -> retrain until the budget is met (MiMi), or train once (other methods)."""
+        """Train cycle 0, then prune -> retrain until the budget is met (MiMi), or train once (other methods).
+
+        Raises:
+            TrainingError: the loss became NaN/inf, or a file could not be written (disk full); every file is
+                written atomically, so the last good checkpoint is intact and the run resumes from it.
+        """
+        try:
+            return self._fit(resume_state)
+        except OSError as e:
+            raise TrainingError(
+                f"cannot write to {self.run.out} ({e.strerror or e}); the last good checkpoint is kept: free some "
+                f"space, then `mimi train --resume {self.run.out}`"
+            ) from e
+
+    def _fit(self, resume_state: dict | None) -> list[dict]:
         self.writer = _tensorboard(self.run.out) if self.cfg.tensorboard else None
         cycle, start_epoch, opt_state, step, elapsed = 0, 0, None, 0, 0.0
         if resume_state is not None:
@@ -383,11 +484,12 @@ def train(cfg: TrainConfig, *, log=print) -> list[dict]:
         raise ConfigError(
             f"{out} already holds a run; continue it with `mimi train --resume {out}` or pick another --out"
         )
+    preflight(cfg)  # names, flags, data listing, budget, output folder: before any weights load or image decodes
     run = build_run(cfg)
     trainer = Trainer(run, log=log)  # validates the budget before anything is written
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    atomic_write_json(out / "run.json", {**run.info, "budget": trainer.budget})
+    atomic_write_json(out / "run.json", {**run.info, "budget": trainer.budget, "config_sha256": _sha(out)})
     (out / "metrics.jsonl").write_text("")
     log(
         f"{cfg.method} on {run.task.name}: {run.info['n_train']} train / {run.info['n_val']} val / "
@@ -402,16 +504,41 @@ def train(cfg: TrainConfig, *, log=print) -> list[dict]:
     return trainer.fit()
 
 
-def resume(run_dir: str | Path, *, log=print) -> list[dict]:
-    """Continue an interrupted run from its last checkpoint; the result equals an unbroken run."""
+def _sha(out: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((out / "config.yaml").read_bytes()).hexdigest()
+
+
+def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[dict]:
+    """Continue an interrupted run from its last checkpoint; the result equals an unbroken run.
+
+    Args:
+        run_dir: the run folder.
+        lr: a new peak learning rate from here on (e.g. after the loss became NaN); the only setting a resumed
+            run may change. It is written to the run's config.yaml.
+    """
     out = Path(run_dir)
     path = out / "checkpoint.safetensors"
     if not (out / "config.yaml").is_file():
         raise CheckpointError(f"{out}: no resumable run here (no config.yaml); start one with `mimi train --out {out}`")
+    remove_stale_temp_files(out)  # a kill inside a write leaves its temporary file; the real one is intact
+    info = read_json(out / "run.json", {})
+    if info.get("config_sha256") not in (None, _sha(out)):
+        raise ConfigError(
+            f"{out}/config.yaml was edited since the run started; a run resumes with its own config: restore the "
+            "file, or start a new run with another --out (only --lr may change on resume)"
+        )
     cfg = TrainConfig.load(out / "config.yaml")
+    if lr is not None and lr != cfg.lr:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "lr": lr})
+        cfg.save(out / "config.yaml")
+        atomic_write_json(out / "run.json", {**info, "config_sha256": _sha(out)})
+        log(f"learning rate changed to {lr:g} from here on")
     if not path.is_file():  # stopped before its first checkpoint: nothing to continue, start it again
         log(f"{out} has no checkpoint yet: starting the run from the beginning")
         (out / "config.yaml").unlink()
+        (out / "run.json").unlink(missing_ok=True)
         return train(cfg, log=log)
     meta = ckpt.read_metadata(path)
     tensors = ckpt.load_tensors(path)

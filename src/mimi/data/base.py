@@ -9,6 +9,7 @@ to ``img_size x img_size``, no crop, no augmentation, then mean/std normalisatio
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -23,6 +24,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 #: Splits with fewer images than this are decoded once and kept in memory (unless ``in_memory`` says otherwise).
 IN_MEMORY_MAX = 30_000
@@ -66,6 +70,7 @@ class LoadOptions:
     in_memory: bool | None = None
     progress: bool = False
     cache: bool = False
+    check_only: bool = False  # list and validate the splits, decode nothing (fail fast before a backbone loads)
 
     def __post_init__(self) -> None:
         if self.img_size < 1:
@@ -127,6 +132,7 @@ def build_task(
     trainval: bool = False,
     progress: bool = False,
     cache: bool = False,
+    check_only: bool = False,
 ) -> TaskData:
     """Load a task named by a spec string such as ``"vtab1k:cifar"``, ``"domainnet:real"``, ``"cifar10"``.
 
@@ -146,6 +152,8 @@ def build_task(
         cache: Save decoded uint8 splits as ``.npy`` under a ``.cache/`` folder next to the data and reuse them
             (keyed by the file list, file sizes and mtimes, and ``img_size``). Costs ``3 * img_size**2`` bytes
             per image on disk.
+        check_only: Only list and validate the splits (files, labels, paths); the splits of the returned task
+            are then the undecoded image sources. Costs no decoding: run it before anything slow.
 
     Returns:
         The task's three splits and its label space.
@@ -168,6 +176,7 @@ def build_task(
         in_memory=in_memory,
         progress=progress,
         cache=cache,
+        check_only=check_only,
     )
     return builder(arg, root=Path(root).expanduser() if root is not None else None, trainval=trainval, opts=opts)
 
@@ -197,11 +206,12 @@ class ImageSource(ABC):
 
 
 class FileSource(ImageSource):
-    """Image files on disk, opened with PIL."""
+    """Image files on disk, opened with PIL. ``base``: the folder every file must stay inside, when known."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], base: Path | None = None) -> None:
         self.paths = [Path(p) for p in paths]
         self.labels = [int(y) for y in labels]
+        self.base = base
 
     def load(self, index: int) -> Image.Image:
         return Image.open(self.paths[index])
@@ -215,7 +225,7 @@ class FileSource(ImageSource):
         return h.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> FileSource:
-        return FileSource([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+        return FileSource([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.base)
 
 
 class SubsetSource(ImageSource):
@@ -231,13 +241,23 @@ class SubsetSource(ImageSource):
 
 
 def check_files(source: FileSource, what: str) -> None:
-    """Raise a DataError naming the first missing file (and how many are missing)."""
+    """Raise a DataError naming the first missing file (and how many are missing), or one that a symlink takes
+    outside the folder its split file lists images from."""
     missing = [p for p in source.paths if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(
             f"{what}: listed image {missing[0]} does not exist{more}; check the data root and the list file"
         )
+    base = source.base
+    if base is not None:
+        inside = base.resolve()
+        for p in source.paths:
+            if not p.resolve().is_relative_to(inside):
+                raise DataError(
+                    f"{what}: listed image {p} is a link to {p.resolve()}, outside the task folder {base}; "
+                    "copy the image into the task folder"
+                )
 
 
 def read_list_file(list_file: Path, base: Path, what: str) -> FileSource:
@@ -261,9 +281,15 @@ def read_list_file(list_file: Path, base: Path, what: str) -> FileSource:
             raise DataError(
                 f"{what}: {list_file}:{n}: expected 'path label' with a non-negative integer label, got {line.strip()!r}"
             )
+        if Path(rel).is_absolute():
+            raise DataError(f"{what}: {list_file}:{n}: absolute path {rel!r}; list images relative to {base}")
+        if ".." in Path(rel).parts:
+            raise DataError(
+                f"{what}: {list_file}:{n}: {rel!r} points outside the task folder {base}; list images inside it"
+            )
         paths.append(base / rel)
         labels.append(y)
-    return FileSource(paths, labels)
+    return FileSource(paths, labels, base)  # check_files keeps every image inside base (symlinks resolved)
 
 
 # ---------------------------------------------------------------- transforms
@@ -348,7 +374,11 @@ def decode(source: ImageSource, index: int, img_size: int, what: str = "data") -
     try:
         with source.load(index) as img:
             return to_uint8(img, img_size)
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError and names the file
+    except (
+        OSError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as e:  # PIL's errors name the file; its pixel limit stays
         raise DataError(f"{what}: cannot decode image {index}: {e}; replace it or remove it from the split") from e
 
 
@@ -438,6 +468,53 @@ def carve_val(source: ImageSource, opts: LoadOptions, trainval: bool) -> tuple[I
     return train, source.subset(val_idx)
 
 
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1..3, 7' (at most a few ranges, then '...')."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(parts[:4]) + (", ..." if len(parts) > 4 else "")
+
+
+def validate_splits(
+    name: str,
+    splits: Sequence[ImageSource],
+    *,
+    num_classes: int,
+    classes: Sequence[str] | None = None,
+    fixed_classes: bool = False,
+) -> None:
+    """Every split has images; labels lie in ``[0, num_classes)``; without class names, the labels of all splits
+    together cover ``0..num_classes-1`` with no gap (a stray label such as 999 would silently make a 1000-way head),
+    unless the source fixes its label space (``fixed_classes``: DomainNet's 345 classes, a torchvision set).
+    A class that val or test has but train lacks (VTAB-1k's sun397 has some) is only a warning.
+
+    Raises:
+        DataError: naming the split, the labels and the fix.
+    """
+    for split, src in zip(("train", "val", "test"), splits):
+        if len(src) == 0:
+            raise DataError(f"{name}: the {split} split is empty; list at least one 'path label' line in it")
+    seen = set().union(*(set(s.labels) for s in splits))
+    top = max(seen)
+    if top >= num_classes:
+        raise DataError(f"{name}: label {top} is outside the {num_classes} classes named; fix the label")
+    gaps = sorted(set(range(num_classes)) - seen)
+    if classes is None and not fixed_classes and gaps:
+        raise DataError(
+            f"{name}: labels must cover 0..{num_classes - 1} with no gap, but {_ranges(gaps)} never appear "
+            f"(the largest label is {top}); fix the labels, or name every class in a classes.txt"
+        )
+    not_in_train = sorted(seen - set(splits[0].labels))
+    if not_in_train and name not in _WARNED:
+        _WARNED.add(name)  # once per task and process: a run lists its data twice (fail-fast check, then loading)
+        log.warning("warning: %s: class %s appears in val or test but never in train", name, _ranges(not_in_train))
+
+
 def require_root(spec: str, root: Path | None, hint: str) -> Path:
     """The data root, or a DataError that says which flag to pass."""
     if root is None:
@@ -455,8 +532,17 @@ def task_from_sources(
     num_classes: int,
     classes: list[str] | None = None,
     cache_dir: Path | None = None,
+    fixed_classes: bool = False,
 ) -> TaskData:
-    """A :class:`TaskData` from the (train, val, test) sources of one task, each made into a dataset."""
+    """A :class:`TaskData` from the (train, val, test) sources of one task, each made into a dataset.
+
+    The splits are validated first (:func:`validate_splits`); with ``opts.check_only`` nothing is decoded and the
+    task's splits are the sources themselves.
+    """
+    validate_splits(name, splits, num_classes=num_classes, classes=classes, fixed_classes=fixed_classes)
+    if opts.check_only:
+        train, val, test = splits
+        return TaskData(name=name, train=train, val=val, test=test, num_classes=num_classes, classes=classes)
     train, val, test = (
         make_dataset(src, opts, desc=f"{name} {split}", cache_dir=cache_dir)
         for src, split in zip(splits, ("train", "val", "test"))

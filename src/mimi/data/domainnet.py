@@ -63,5 +63,11 @@ def build_domainnet(domain: str, *, root: Path | None, trainval: bool, opts: Loa
     train, val = carve_val(full_train, opts, trainval)
     cache_dir = root / ".cache"
     return task_from_sources(
-        name, (train, val, test), opts, num_classes=NUM_CLASSES, classes=_class_names(full_train), cache_dir=cache_dir
+        name,
+        (train, val, test),
+        opts,
+        num_classes=NUM_CLASSES,
+        classes=_class_names(full_train),
+        cache_dir=cache_dir,
+        fixed_classes=True,  # DomainNet's 345 classes, whatever a split file holds
     )

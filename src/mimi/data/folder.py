@@ -58,7 +58,7 @@ def build_folder(path: str, *, root: Path | None, trainval: bool, opts: LoadOpti
     if (base / "val").is_dir():
         val = _scan(base / "val", classes, name)
         if trainval:
-            train = FileSource(train.paths + val.paths, train.labels + val.labels)
+            train = FileSource(train.paths + val.paths, train.labels + val.labels, train.base)
     else:
         train, val = carve_val(train, opts, trainval)
     test = _scan(base / "test", classes, name)

@@ -139,7 +139,12 @@ def build_torchvision(name: str, arg: str, *, root: Path | None, trainval: bool,
     num_classes = len(classes) if classes else max(max(s.labels, default=-1) for s in (train, val, test)) + 1
     # torchvision already holds these arrays in memory or on disk in its own form: no .npy cache.
     return task_from_sources(
-        name, (train, val, test), opts, num_classes=num_classes, classes=list(classes) if classes else None
+        name,
+        (train, val, test),
+        opts,
+        num_classes=num_classes,
+        classes=list(classes) if classes else None,
+        fixed_classes=True,  # the set's own label space
     )
 
 

@@ -128,7 +128,9 @@ def build_vtab1k(task: str, *, root: Path | None, trainval: bool, opts: LoadOpti
         both = task_dir / "train800val200.txt"
         # train800val200 is by definition train800 + val200; rebuild it when a layout leaves it out.
         train = (
-            read("train800val200") if both.is_file() else FileSource(train.paths + val.paths, train.labels + val.labels)
+            read("train800val200")
+            if both.is_file()
+            else FileSource(train.paths + val.paths, train.labels + val.labels, train.base)
         )
     for split in (train, val, test):
         check_files(split, name)

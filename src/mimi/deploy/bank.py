@@ -377,7 +377,7 @@ class AdapterBank:
             try:
                 with Image.open(img) as opened:
                     out.append(to_uint8(opened, self.img_size))
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's pixel limit is kept
                 raise DataError(f"cannot read image {img}: {e}") from e
         return normalize(torch.stack(out), mean, std)
 

@@ -1,0 +1,7 @@
+"""``python -m mimi ...`` (and ``torchrun -m mimi ...``): the same command line as ``mimi``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

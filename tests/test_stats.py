@@ -1,0 +1,147 @@
+"""Statistics over seeds (mimi.stats) against hand-computed values, and their sections in `mimi report`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mimi.bench_report import _mean_points, _task_points, fmt_mean_se, paired_table, write_report
+from mimi.stats import MeanSE, bootstrap_mean_interval, mean_se, paired_difference
+
+
+def test_mean_se_matches_hand_computed_values():
+    s = mean_se([1, 2, 3])
+    assert s.mean == 2 and s.n == 3
+    assert s.se == pytest.approx(1 / math.sqrt(3)) and s.se == pytest.approx(0.57735, abs=1e-5)
+    assert mean_se([70, 70, 73]).se == pytest.approx(1.0)  # sample var (1 + 1 + 4) / 2 = 3, / 3 = 1
+    one = mean_se([85.1])
+    assert (one.mean, one.se, one.n) == (85.1, None, 1)
+    with pytest.raises(ValueError):
+        mean_se([])
+
+
+def test_bootstrap_interval_of_identical_values_is_the_value():
+    assert bootstrap_mean_interval([2, 2, 2]) == (2.0, 2.0)
+    # 0.1 is not exact in binary: the mean of three copies may round off it, the interval must not
+    assert bootstrap_mean_interval([0.1, 0.1, 0.1]) == (0.1, 0.1)
+
+
+def test_bootstrap_interval_hand_computed_and_symmetric_case():
+    # resample means of [0, 1] are 0, 0.5, 1 with probability 1/4, 1/2, 1/4: the 2.5% and 97.5% quantiles are 0, 1
+    assert bootstrap_mean_interval([0, 1]) == (0.0, 1.0)
+    low, high = bootstrap_mean_interval([-3, -2, -1, 1, 2, 3])
+    assert low < 0 < high and low == pytest.approx(-high, abs=0.25)
+    # a narrower coverage gives a nested interval
+    low80, high80 = bootstrap_mean_interval([-3, -2, -1, 1, 2, 3], confidence=0.8)
+    assert low <= low80 < high80 <= high
+    with pytest.raises(ValueError):
+        bootstrap_mean_interval([1, 2], confidence=1.0)
+
+
+def test_bootstrap_is_deterministic_with_its_seed():
+    values = np.random.default_rng(123).normal(size=20).tolist()
+    assert bootstrap_mean_interval(values) == bootstrap_mean_interval(values)
+    assert bootstrap_mean_interval(values, seed=1) != bootstrap_mean_interval(values, seed=2)
+
+
+def test_paired_difference():
+    d = paired_difference([3, 4, 5], [1, 2, 3])
+    assert (d.mean, d.low, d.high, d.n) == (2.0, 2.0, 2.0, 3) and not d.holds(0) and d.holds(2)
+    with pytest.raises(ValueError):
+        paired_difference([1, 2], [1])
+
+
+def test_fmt_mean_se():
+    assert fmt_mean_se(MeanSE(85.1, None, 1)) == "85.10"
+    assert fmt_mean_se(MeanSE(85.1, 0.3214, 3)) == "85.10 ± 0.32 (3)"
+
+
+def _rec(task, label, method, seed, acc, size=None, cycles=None, **cfg):
+    """A run JSON as `mimi bench` writes it (the fields the report reads), at 1000 trainable parameters."""
+    grid = {k: v for k, v in cfg.items() if k in ("budget_dim", "adapter_dim")}
+    suffix = "".join(f"__{k.replace('_', '')}{v}" for k, v in grid.items())
+    final = {"cycle": 0, "val_acc": acc, "test_acc": acc, "trainable_params": 1010, "adapter_params": 1000}
+    return {
+        "id": f"{task}__{label}{suffix}__s{seed}",
+        "task": f"vtab1k:{task}",
+        "group": "natural" if task == "a" else "structured",
+        "method": method,
+        "label": label,
+        "grid": grid,
+        "seed": seed,
+        "config": {"method": method, "seed": seed, **cfg},
+        "status": "ok",
+        "params": {"trainable": 1010, "trainable_without_head": 1000, "adapter": 1000, "head": 10},
+        "budget": size if "budget_dim" in cfg else None,
+        "val_acc": acc,
+        "test_acc": acc,
+        "cycles": cycles or [final],
+        "wall_seconds": 1.0,
+    }
+
+
+# test accuracy (%) per task and seed 0, 1, 2; chosen so that every statistic below is computed by hand
+ACCS = {
+    "mimi": {"a": [80, 82, 84], "b": [70, 70, 73]},
+    "adapter": {"a": [81.5, 83.5, 85.5], "b": [69.5, 69.5, 72.5]},  # +1.5 on a, -0.5 on b: not separable
+    "lora": {"a": [82, 84, 86], "b": [72, 72, 75]},  # +2 on every pair: ahead
+}
+KNOB = {"mimi": {"budget_dim": 4}, "adapter": {"adapter_dim": 4}, "lora": {"budget_dim": 4}}
+
+
+def _write_runs(folder):
+    folder.mkdir()
+    recs = [
+        _rec(task, label, label, seed, acc / 100, size=1000, **KNOB[label])
+        for label, tasks in ACCS.items()
+        for task, accs in tasks.items()
+        for seed, acc in enumerate(accs)
+    ]
+    recs += [_rec(task, "bitfit", "bitfit", 0, acc) for task, acc in (("a", 0.77), ("b", 0.66))]  # one seed
+    for r in recs:
+        (folder / f"{r['id']}.json").write_text(json.dumps(r))
+    return recs
+
+
+def test_report_shows_mean_se_over_seeds_and_paired_differences(tmp_path):
+    _write_runs(tmp_path / "results")
+    md = write_report(tmp_path / "results", out=tmp_path / "report").read_text()
+    per_task = md.split("## Per task")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0]: line for line in per_task.splitlines() if line.startswith("| ")}
+    # a: mean 82, sample std 2, SE 2 / sqrt(3) = 1.15; b: mean 71, sample std sqrt(3), SE 1
+    assert "| 82.00 ± 1.15 (3) | 71.00 ± 1.00 (3) |" in rows["| mimi budgetdim=4"]
+    assert "| 83.50 ± 1.15 (3) | 70.50 ± 1.00 (3) |" in rows["| adapter adapterdim=4"]
+    assert "| 77.00 | 66.00 |" in rows["| bitfit"]  # one seed: the value alone
+
+    paired = md.split("## Against MiMi at the same budget, paired by seed")[1].split("\n## ")[0]
+    # adapter - mimi: +1.5 on the 3 pairs of a, -0.5 on the 3 of b, mean +0.50. Resampling the 6 pairs,
+    # k of them from a, gives a mean of (2k - 3) / 6 with k ~ Binomial(6, 1/2): P(k <= 0) = 1/64 < 2.5% <
+    # P(k <= 1) = 7/64, so the interval runs from k = 1 to k = 5: [-1/6, +7/6]
+    assert "| 4 | adapter | 6 (3) | +0.50 | [-0.17, +1.17] | 1/1 | not separable at 3 seeds |" in paired
+    assert "| 4 | lora | 6 (3) | +2.00 | [+2.00, +2.00] | 2/0 | lora ahead |" in paired
+    assert "bitfit" not in paired and "| 4 | mimi " not in paired
+    assert (tmp_path / "report" / "pareto_mean.png").is_file()
+    assert "paired by seed" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_pareto_points_carry_se_only_with_two_seeds_or_more(tmp_path):
+    recs = _write_runs(tmp_path / "results")
+    task_a = _task_points(recs, "vtab1k:a")
+    assert task_a["mimi"] == [(1000, pytest.approx(82.0), pytest.approx(2 / math.sqrt(3)))]
+    assert task_a["bitfit"] == [(1000, pytest.approx(77.0), None)]
+    mean = _mean_points(recs)
+    # the SE of a mean over two tasks: sqrt(SE_a^2 + SE_b^2) / 2 = sqrt(4/3 + 1) / 2
+    assert mean["mimi"] == [(1000, pytest.approx(76.5), pytest.approx(math.sqrt(7 / 3) / 2))]
+    assert mean["bitfit"][0][2] is None
+
+
+def test_paired_table_pools_mimi_cycles_standing_in_and_needs_two_pairs():
+    # MiMi run to r=4 passes through r=8's budget (2000 adapter params) at cycle 1; its seed pairs with mid's
+    on_the_way = {"cycle": 1, "adapter_params": 1990, "trainable_params": 2010, "test_acc": 0.85}
+    last = {"cycle": 2, "adapter_params": 1000, "trainable_params": 1010, "test_acc": 0.80}
+    mimi = _rec("a", "mimi", "mimi", 0, 0.80, size=1000, cycles=[{"cycle": 0}, on_the_way, last], budget_dim=4)
+    mid = _rec("a", "mid", "adapter", 0, 0.82, adapter_dim=8)
+    mid["params"]["adapter"] = 2000
+    rows = paired_table([mimi, mid])
+    assert rows[1:] == [["8", "mid", "1 (1)", "-3.00", "–", "0/1", "one pair, no interval"]]
