@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from mimi.errors import ConfigError, DataError
+from mimi.io_utils import atomic_write_text
 
 from .fashion_mnist import find_fashion_mnist, load_fashion_mnist
 
@@ -467,7 +468,7 @@ def _write_classes(folder: Path, task: str) -> None:
     names = CLASS_NAMES[task]
     if len(names) != TASKS[task].num_classes:
         raise DataError(f"{task}: {len(names)} class names for {TASKS[task].num_classes} classes")
-    (folder / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "classes.txt", "\n".join(names) + "\n")
 
 
 def _existing(folder: Path, key: dict) -> dict | None:
