@@ -145,3 +145,23 @@ def test_paired_table_pools_mimi_cycles_standing_in_and_needs_two_pairs():
     mid["params"]["adapter"] = 2000
     rows = paired_table([mimi, mid])
     assert rows[1:] == [["8", "mid", "1 (1)", "-3.00", "–", "0/1", "one pair, no interval"]]
+
+
+def test_report_merges_results_folders_once_each_and_warns_on_disagreement(tmp_path, caplog):
+    from mimi.bench_report import load_results
+
+    a, b = tmp_path / "shard0", tmp_path / "shard1"
+    a.mkdir()
+    b.mkdir()
+    same = _rec("a", "mimi", "mimi", 0, 0.8, budget_dim=4)
+    (a / "x.json").write_text(json.dumps(same))
+    (b / "x.json").write_text(json.dumps(same))  # the same run in both shards: reported once, silently
+    (b / "y.json").write_text(json.dumps(_rec("a", "mimi", "mimi", 1, 0.7, budget_dim=4)))
+    (a / "z.json").write_text(json.dumps(_rec("b", "mimi", "mimi", 0, 0.6, budget_dim=4)))
+    (b / "z.json").write_text(json.dumps(_rec("b", "mimi", "mimi", 0, 0.5, budget_dim=4)))  # disagrees
+    recs = load_results([a, b])
+    assert sorted(r["id"] for r in recs) == sorted({same["id"], "a__mimi__budgetdim4__s1", "b__mimi__budgetdim4__s0"})
+    assert next(r for r in recs if r["id"].startswith("b__"))["test_acc"] == 0.6  # the first folder's
+    assert "differs between" in caplog.text and caplog.text.count("differs between") == 1
+    path = write_report([a, b], out=tmp_path / "merged")
+    assert path.is_file() and "3 runs ok" in path.read_text()

@@ -167,7 +167,11 @@ class Adapter(nn.Module):
         self.neuron_ids = self.neuron_ids[keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.drop(self.act(self.down(x))))
+        h = self.act(self.down(x))
+        if self.drop.p > 0:  # a p=0 dropout returns its input: skip the call (measurable on tiny adapters)
+            h = self.drop(h)
+        out = self.up(h)
+        return out if self.scale == 1.0 else self.scale * out
 
 
 class AdaptedBranch(nn.Module):
@@ -183,9 +187,12 @@ class AdaptedBranch(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.branch(x, *args, **kwargs)
-        if self.placement == "sequential":
-            return y + self.adapter(y)
-        return y + self.adapter(x)
+        out = self.adapter(y if self.placement == "sequential" else x)
+        if out.dtype != y.dtype:  # autocast: let the sum promote as usual
+            return y + out
+        # The adapter's output is a fresh tensor that nothing saved for backward: add the branch into it in place
+        # (one allocation less per site; a + b == b + a bit for bit).
+        return out.add_(y)
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:

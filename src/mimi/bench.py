@@ -298,8 +298,10 @@ def _status(path: Path) -> str | None:
 
 
 def _report_setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", type=Path, help="folder of run JSONs written by `mimi bench`")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS/report)")
+    p.add_argument(
+        "results", type=Path, nargs="+", help="folder(s) of run JSONs written by `mimi bench` (several are merged)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: the first RESULTS/report)")
 
 
 @command("report", "render tables (Markdown, HTML) and plots from a folder of bench JSONs", _report_setup)

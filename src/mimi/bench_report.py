@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+log = logging.getLogger(__name__)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,16 +26,31 @@ from .stats import MeanSE, PairedDiff, mean_se, paired_difference  # noqa: E402
 GROUP_ORDER = ("natural", "specialized", "structured")
 
 
-def load_results(results: Path) -> list[dict[str, Any]]:
-    recs = []
-    for p in sorted(Path(results).glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "id" in rec and "status" in rec:
-            recs.append(rec)
-    return recs
+def load_results(results: Path | Sequence[Path]) -> list[dict[str, Any]]:
+    """The run records of one results folder, or of several merged (shards of a sweep run on other machines).
+
+    A run found in two folders is reported once; if the two records disagree (status or test accuracy), the first
+    folder's is kept and a warning names both.
+    """
+    folders = [Path(results)] if isinstance(results, str | Path) else [Path(r) for r in results]
+    by_id: dict[str, tuple[dict[str, Any], Path]] = {}
+    for folder in folders:
+        for p in sorted(folder.glob("*.json")):
+            try:
+                rec = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            if not (isinstance(rec, dict) and "id" in rec and "status" in rec):
+                continue
+            if rec["id"] in by_id:
+                first, where = by_id[rec["id"]]
+                if (first["status"], first.get("test_acc")) != (rec["status"], rec.get("test_acc")):
+                    log.warning(
+                        "warning: run %s differs between %s and %s; reporting the first", rec["id"], where, folder
+                    )
+                continue
+            by_id[rec["id"]] = (rec, folder)
+    return [rec for rec, _ in by_id.values()]
 
 
 def variant(rec: dict, skip: tuple[str, ...] = ()) -> str:
@@ -433,17 +452,20 @@ def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
     )
 
 
-def write_report(results: str | Path, *, out: str | Path | None = None) -> Path:
-    """Render ``report.md``, ``report.html`` and PNG plots from the JSONs in ``results``."""
-    results = Path(results)
-    out = Path(out) if out is not None else results / "report"
-    if not results.is_dir():
-        raise ConfigError(f"{results}: no such folder; give the results folder of a bench spec")
-    recs = load_results(results)
+def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+    """Render ``report.md``, ``report.html`` and PNG plots from the JSONs in ``results`` (one folder, or several
+    merged: a run found twice is reported once). The report goes to ``out`` (default: the first folder's
+    ``report/``)."""
+    folders = [Path(results)] if isinstance(results, str | Path) else [Path(r) for r in results]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such folder; give the results folder of a bench spec")
+    out = Path(out) if out is not None else folders[0] / "report"
+    recs = load_results(folders)
     if not recs:
         raise ConfigError(
-            f"{results}: no result JSON of `mimi bench` here; give the folder a spec's `results:` names "
-            "(e.g. benchmarks/results/minivtab)"
+            f"{', '.join(map(str, folders))}: no result JSON of `mimi bench` here; give the folder a spec's "
+            "`results:` names (e.g. benchmarks/results/minivtab)"
         )
     ok = [r for r in recs if r["status"] == "ok"]
     failed = [r for r in recs if r["status"] != "ok"]

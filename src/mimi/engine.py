@@ -60,10 +60,23 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Callable[[int], float
     return factor
 
 
-def loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A single-process loader; the shuffle order depends only on ``seed`` (resumable, reproducible)."""
+def loader(
+    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """A single-process loader; the shuffle order depends only on ``seed`` (resumable, reproducible).
+
+    With ``world > 1`` (DDP), ``batch_size`` is the GLOBAL batch: the global batches are exactly those of a single
+    process with the same seed, and rank ``r`` gets items ``r, r + world, ...`` of each. A last global batch
+    smaller than ``world`` is dropped, so every rank runs the same number of steps.
+    """
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0, drop_last=False)
+    if world == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+    # The single-process loader's own batches of indices (whatever order its sampler draws), then each rank's share.
+    batches = [
+        b.tolist() for b in DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=gen)
+    ]
+    return DataLoader(dataset, batch_sampler=[b[rank::world] for b in batches if len(b) >= world], num_workers=0)
 
 
 @dataclass
@@ -111,7 +124,7 @@ def train_epoch(
     return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen)}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
@@ -122,8 +135,13 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "eval",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Top-1 accuracy, mean loss and per-class accuracy of ``model`` on ``dataset``."""
+    """Top-1 accuracy, mean loss and per-class accuracy of ``model`` on ``dataset``.
+
+    ``reduce`` (DDP): sums a tensor over ranks, each rank having evaluated its own share of the data; the
+    confusion matrix and the loss are reduced, so every rank returns the same numbers.
+    """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     total_loss, seen = 0.0, 0
@@ -136,6 +154,10 @@ def evaluate(
         pred = logits.argmax(-1)
         confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
         seen += y.numel()
+    if reduce is not None:
+        totals = reduce(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
+        total_loss, seen = float(totals[0]), int(totals[1])
+        confusion = reduce(confusion)
     per_class = (confusion.diag().float() / confusion.sum(1).clamp_min(1)).tolist()
     return {
         "acc": confusion.diag().sum().item() / max(1, seen),

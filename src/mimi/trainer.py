@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .adapters import adapter_param_count, adapter_roles, adapters, count_trainable, uniform_adapter_params
 from .backbones import (
     backbone_param_count,
@@ -36,6 +37,7 @@ from .backbones import (
 )
 from .config import TrainConfig
 from .data import TaskData, build_task
+from .distributed import World
 from .engine import (
     StepContext,
     autocast_dtype,
@@ -164,7 +166,7 @@ def probe_out(out: Path) -> None:
         ) from e
 
 
-def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
+def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None, device: torch.device | None = None) -> Run:
     """Create the backbone, load the task with the backbone's preprocessing, and apply the method."""
     if not cfg.data:
         raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
@@ -197,7 +199,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None) -> Run:
     head_params = sum(p.numel() for p in head.parameters() if p.requires_grad) if isinstance(head, nn.Module) else 0
     if sizes is not None:
         apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)  # under torchrun: this rank's device
     model.to(device)
     info = {
         "model": cfg.model,
@@ -231,8 +233,16 @@ def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
 class Trainer:
     """Runs the cycles of one training run; owns the run folder."""
 
-    def __init__(self, run: Run, *, log=print) -> None:
-        self.run, self.cfg, self.log = run, run.cfg, log
+    def __init__(self, run: Run, *, log=print, world: World | None = None) -> None:
+        self.world = world or World()
+        self.run, self.cfg = run, run.cfg
+        self.log = log if self.world.main else (lambda *a, **k: None)  # only rank 0 speaks
+        if self.world.enabled and self.cfg.batch_size % self.world.size:
+            raise ConfigError(
+                f"--batch-size {self.cfg.batch_size} is the global batch: make it a multiple of the "
+                f"{self.world.size} processes"
+            )
+        self.net = self._wrap()
         self.budget = resolve_budget(self.cfg, run.model)
         self.pruner: MiMiPruner | None = None
         if run.method.prunes:
@@ -245,6 +255,21 @@ class Trainer:
         self.best: dict | None = None  # --select best-val: {"val_acc", "epoch", "state"} of this cycle
         self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
         self.writer = None  # TensorBoard, opened by fit() once the run folder exists
+        self.last_val: dict | None = None  # the last epoch's validation result (reused when the cycle ends)
+
+    def _wrap(self) -> nn.Module:
+        """The module the loop trains: the model itself, or under torchrun a DDP wrapper (rebuilt after a prune,
+        since pruning makes new Parameters)."""
+        if not self.world.enabled:
+            return self.run.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.run.device.index] if self.run.device.type == "cuda" else None
+        return DistributedDataParallel(self.run.model, device_ids=ids)
+
+    def _save_checkpoint(self, opt, step: int) -> None:
+        if self.world.main:
+            save_checkpoint(self.run, opt, step, self.position, self.pruner, self.acc, self.best)
 
     # -- optimiser per cycle: rebuilt after every physical prune (new Parameters)
     def _optimizer(self, cycle: int, step: int = 0, state: dict | None = None):
@@ -280,9 +305,14 @@ class Trainer:
 
     def _eval(self, split: str) -> dict:
         ds = getattr(self.run.task, split)
+        reduce = None
+        if self.world.enabled:  # each rank evaluates its share; the confusion matrix is summed over ranks
+            ds = torch.utils.data.Subset(ds, distributed.shard_indices(len(ds), self.world))
+            reduce = lambda t: distributed.all_reduce_sum(self.world, t)  # noqa: E731
         return evaluate(
             self.run.model,
             ds,
+            reduce=reduce,
             num_classes=self.run.task.num_classes,
             device=self.run.device,
             batch_size=self.cfg.eval_batch_size,
@@ -300,6 +330,8 @@ class Trainer:
         }
 
     def _log_epoch(self, cycle: int, epoch: int, n_epochs: int, stats: dict) -> None:
+        if not self.world.main:
+            return
         line = {"cycle": cycle, "epoch": epoch, **stats}
         with open(self.run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -314,6 +346,7 @@ class Trainer:
     def _train_cycle(self, cycle: int, start_epoch: int, opt, sched, t0: float) -> None:
         n_epochs = cycle_epochs(self.cfg, cycle)
         ctx = self._context(opt, sched)
+        self.last_val = None  # set by each epoch's validation pass
         for epoch in range(start_epoch, n_epochs):
             # Every source of randomness is a function of (seed, cycle, epoch): a resumed run is the same run.
             torch.manual_seed(self.cfg.seed * 1_000_003 + cycle * 10_007 + epoch)
@@ -322,18 +355,20 @@ class Trainer:
                 batch_size=self.cfg.batch_size,
                 shuffle=True,
                 seed=self.cfg.seed * 100_003 + cycle * 1009 + epoch,
+                rank=self.world.rank,
+                world=self.world.size,
             )
             te = time.perf_counter()
             try:
                 stats = train_epoch(
-                    self.run.model, data, ctx, progress=self.cfg.progress, desc=f"c{cycle} e{epoch + 1}"
+                    self.net, data, ctx, progress=self.cfg.progress and self.world.main, desc=f"c{cycle} e{epoch + 1}"
                 )
             except TrainingError as e:
                 raise TrainingError(
                     f"{e} (cycle {cycle}, epoch {epoch + 1}); the last good checkpoint is kept: continue with a "
                     f"lower learning rate, `mimi train --resume {self.run.out} --lr {self.cfg.lr / 10:g}`"
                 ) from e
-            val = self._eval("val")
+            val = self.last_val = self._eval("val")
             stats.update(
                 val_acc=val["acc"],
                 val_loss=val["loss"],
@@ -356,10 +391,12 @@ class Trainer:
                 "cycle_done": False,
                 "elapsed": time.perf_counter() - t0,
             }
-            save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc, self.best)
+            self._save_checkpoint(opt, sched.last_epoch)
 
     def _finish_cycle(self, cycle: int, opt, sched, t0: float) -> None:
-        val, test = self._eval("val"), self._eval("test")
+        # the last epoch's validation pass already scored these very weights, unless best-val swapped them in
+        same = self.cfg.select == "last" and self.last_val is not None
+        val, test = self.last_val if same else self._eval("val"), self._eval("test")
         entry = {
             "cycle": cycle,
             **self._params(),
@@ -376,14 +413,16 @@ class Trainer:
             entry["selected_epoch"] = self.best["epoch"]
         entry.update(self.run.method.extra_info(self.run.model))
         self.summary.append(entry)
+        self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
+        if not self.world.main:
+            return
         out = self.run.out
         if self.cfg.save_cycles:
             ckpt.save_adapters(
                 self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors", metadata=task_metadata(self.run)
             )
         atomic_write_json(out / "summary.json", self.summary)
-        self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
-        save_checkpoint(self.run, opt, sched.last_epoch, self.position, self.pruner, self.acc, self.best)
+        self._save_checkpoint(opt, sched.last_epoch)
         self.log(
             f"== cycle {cycle}: adapter params {entry['adapter_params']:,} | trainable {entry['trainable_params']:,} "
             f"({entry['pct_of_backbone']:.3f}% of backbone) | val {entry['val_acc']:.4f} | test {entry['test_acc']:.4f}"
@@ -416,7 +455,7 @@ class Trainer:
             ) from e
 
     def _fit(self, resume_state: dict | None) -> list[dict]:
-        self.writer = _tensorboard(self.run.out) if self.cfg.tensorboard else None
+        self.writer = _tensorboard(self.run.out) if self.cfg.tensorboard and self.world.main else None
         cycle, start_epoch, opt_state, step, elapsed = 0, 0, None, 0, 0.0
         if resume_state is not None:
             cycle, start_epoch = resume_state["position"]["cycle"], resume_state["position"]["epoch"]
@@ -438,6 +477,9 @@ class Trainer:
                 sizes = self.pruner.step(self.run.model, accumulator=self.acc)
                 if self.acc is not None:
                     self.acc.reset()
+                # every rank planned the same cut from the same weights; make sure, then re-wrap the new Parameters
+                distributed.check_same(self.world, "the adapters after the prune", ckpt.trained_state(self.run.model))
+                self.net = self._wrap()
                 self.log(
                     f"== prune {cycle}: target {self.pruner.history[-1]['target']:,} -> "
                     f"{adapter_param_count(self.run.model):,} adapter params in {len(sizes)} adapters"
@@ -446,7 +488,7 @@ class Trainer:
             opt, sched = self._optimizer(cycle, step, opt_state)
             if start_epoch == 0 and opt_state is None:
                 self.position = {"cycle": cycle, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
-                save_checkpoint(self.run, opt, 0, self.position, self.pruner, self.acc, self.best)
+                self._save_checkpoint(opt, 0)
             self._train_cycle(cycle, start_epoch, opt, sched, t0)
             self._restore_best()
             self._finish_cycle(cycle, opt, sched, t0)
@@ -454,7 +496,9 @@ class Trainer:
             cycle, start_epoch, opt_state, step, elapsed = cycle + 1, 0, None, 0, 0.0
             if self.pruner is None:
                 break
-        ckpt.save_adapters(self.run.model, self.run.out / "adapters.safetensors", metadata=task_metadata(self.run))
+        if self.world.main:
+            ckpt.save_adapters(self.run.model, self.run.out / "adapters.safetensors", metadata=task_metadata(self.run))
+        distributed.barrier(self.world)  # no rank returns before the final files exist
         if self.writer is not None:
             self.writer.close()
         return self.summary
@@ -485,13 +529,17 @@ def train(cfg: TrainConfig, *, log=print) -> list[dict]:
             f"{out} already holds a run; continue it with `mimi train --resume {out}` or pick another --out"
         )
     preflight(cfg)  # names, flags, data listing, budget, output folder: before any weights load or image decodes
-    run = build_run(cfg)
-    trainer = Trainer(run, log=log)  # validates the budget before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    atomic_write_json(out / "run.json", {**run.info, "budget": trainer.budget, "config_sha256": _sha(out)})
-    (out / "metrics.jsonl").write_text("")
-    log(
+    world, device = distributed.init(cfg.device)
+    run = build_run(cfg, device=device)
+    trainer = Trainer(run, log=log, world=world)  # validates the budget before anything is written
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        info = {**run.info, "budget": trainer.budget, "world_size": world.size, "config_sha256": _sha(out)}
+        atomic_write_json(out / "run.json", info)
+        (out / "metrics.jsonl").write_text("")
+    distributed.barrier(world)
+    trainer.log(
         f"{cfg.method} on {run.task.name}: {run.info['n_train']} train / {run.info['n_val']} val / "
         f"{run.info['n_test']} test, {run.task.num_classes} classes | {cfg.model} ({run.info['weights_source']}) "
         f"at {run.info['img_size']}px on {run.device} | trainable {count_trainable(run.model):,}"
@@ -522,7 +570,6 @@ def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[d
     path = out / "checkpoint.safetensors"
     if not (out / "config.yaml").is_file():
         raise CheckpointError(f"{out}: no resumable run here (no config.yaml); start one with `mimi train --out {out}`")
-    remove_stale_temp_files(out)  # a kill inside a write leaves its temporary file; the real one is intact
     info = read_json(out / "run.json", {})
     if info.get("config_sha256") not in (None, _sha(out)):
         raise ConfigError(
@@ -530,21 +577,30 @@ def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[d
             "file, or start a new run with another --out (only --lr may change on resume)"
         )
     cfg = TrainConfig.load(out / "config.yaml")
+    world, device = distributed.init(cfg.device)  # any number of processes: the checkpoint is the same for all
+    log = log if world.main else (lambda *a, **k: None)
     if lr is not None and lr != cfg.lr:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "lr": lr})
-        cfg.save(out / "config.yaml")
-        atomic_write_json(out / "run.json", {**info, "config_sha256": _sha(out)})
         log(f"learning rate changed to {lr:g} from here on")
+    if world.main:
+        remove_stale_temp_files(out)  # a kill inside a write leaves its temporary file; the real one is intact
+        if lr is not None:
+            cfg.save(out / "config.yaml")
+            atomic_write_json(out / "run.json", {**info, "config_sha256": _sha(out)})
+    distributed.barrier(world)
     if not path.is_file():  # stopped before its first checkpoint: nothing to continue, start it again
         log(f"{out} has no checkpoint yet: starting the run from the beginning")
-        (out / "config.yaml").unlink()
-        (out / "run.json").unlink(missing_ok=True)
+        if world.main:
+            (out / "config.yaml").unlink()
+            (out / "run.json").unlink(missing_ok=True)
+        distributed.barrier(world)
         return train(cfg, log=log)
     meta = ckpt.read_metadata(path)
     tensors = ckpt.load_tensors(path)
-    run = build_run(cfg, sizes=json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None)
+    sizes = json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None
+    run = build_run(cfg, sizes=sizes, device=device)
     ckpt.restore_trained(run.model, path, meta=meta, tensors=tensors)
-    trainer = Trainer(run, log=log)
+    trainer = Trainer(run, log=log, world=world)
     pruner_state = json.loads(meta["pruner"])
     if pruner_state is not None:
         trainer.pruner = MiMiPruner.from_state_dict(pruner_state)
@@ -561,7 +617,8 @@ def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[d
     summary_path = out / "summary.json"
     done_cycles = position["cycle"] + (1 if position["cycle_done"] else 0)
     trainer.summary = [e for e in read_json(summary_path, []) if e["cycle"] < done_cycles]
-    truncate_metrics(out / "metrics.jsonl", position)
+    if world.main:
+        truncate_metrics(out / "metrics.jsonl", position)
     opt_state = optimizer_state({k: v.to(run.device) for k, v in tensors.items()}, json.loads(meta["optimizer"]))
     log(
         f"resuming {out} at cycle {position['cycle']} epoch {position['epoch']}"

