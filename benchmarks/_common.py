@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -80,6 +81,7 @@ def finish_args(args: argparse.Namespace, script: str) -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
+    """CPU model, torch threads, torch version and device: printed and recorded by every benchmark."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
@@ -90,16 +92,22 @@ def print_machine(info: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{args.model} (random weights) at {args.img_size}px, batch {args.batch_size}, {args.precision}")
 
 
-def write_json(args: argparse.Namespace, info: dict[str, Any], **results: Any) -> None:
+def write_record(out: Path, args: argparse.Namespace, info: dict[str, Any], **results: Any) -> None:
+    """One JSON per benchmark run: machine, date, host, flags, then the script's own results."""
     record = {
         "machine": info,
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "child")},
         **results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwritten {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwritten {out}")
+
+
+def write_json(args: argparse.Namespace, info: dict[str, Any], **results: Any) -> None:
+    write_record(args.out, args, info, **results)
 
 
 # ---------------------------------------------------------------- timing

@@ -16,14 +16,15 @@ import copy
 import gc
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common
 import torch
+from _common import machine
 
 import mimi
 from mimi.adapters import AdapterConfig, add_adapters
@@ -32,12 +33,6 @@ from mimi.shrink import apply_plan
 
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = sorted((RESULTS / "minivtab").glob("*__mimi__budgetdim3__s0.json"))
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
 
 
 def rss_mb() -> float:
@@ -122,27 +117,10 @@ def memory(args, folder: Path, ns: list[int]) -> list[dict]:
 # ---------------------------------------------------------------- speed
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
-def interleaved(contenders: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms of each contender, measured round-robin (one call of each per round)."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for k, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+def interleaved(contenders: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each contender, measured round-robin (one call of each per round) after a warm-up."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {k: 1000 * v for k, v in _common.interleaved(contenders, repeats, device).items()}
 
 
 def throughput(args, paths: list[Path]) -> dict:
@@ -226,7 +204,7 @@ def main() -> None:
         args.repeats, args.batch = 3, 16
     ns = [1, 10] if args.quick else [1, 10, 100]
     info = machine()
-    print(f"{info['cpu']} | {info['cores']} threads | torch {info['torch']} | {info['device']}")
+    print(f"{info['cpu']} | {info['threads']} threads | torch {info['torch']} | {info['device']}")
     print(f"{args.model} ({args.weights}) at {args.img_size}px; MiMi r=3 task sizes from {len(SIZES_FROM)} runs")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -31,7 +29,7 @@ from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
 
-import torch
+from _common import machine, write_record
 
 import mimi.checkpoint
 import mimi.report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
@@ -56,12 +54,6 @@ PHASES = {
 LOOP = ("train_epoch", "evaluate (val)", "evaluate (test)")  # the work itself: no target
 # evaluate is reported per split (the trainer passes desc="val" / "test")
 REPORTED = [*LOOP, *(p for p in PHASES if p not in ("train_epoch", "evaluate"))]
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
 
 
 @contextmanager
@@ -237,21 +229,18 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], eq
     print(f"checkpoint file: MiMi {m['checkpoint_bytes']:,} bytes at the end, adapter {a['checkpoint_bytes']:,}")
     out = args.out or RESULTS / "perf" / ("mimi_cost_quick.json" if args.quick else "mimi_cost.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "machine": info,
-        "date": time.strftime("%Y-%m-%d"),
-        "host": platform.node(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "equal_epochs": equal_epochs,
-        "wall_s_median": med,
-        "ratio_mimi_over_adapter": ratio,
-        "ratio_by_phase": sub,
-        "phases_s_median": phases,
-        "phase_share_of_mimi": shares,
-        "runs": runs,
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nwritten {out}")
+    write_record(
+        out,
+        args,
+        info,
+        equal_epochs=equal_epochs,
+        wall_s_median=med,
+        ratio_mimi_over_adapter=ratio,
+        ratio_by_phase=sub,
+        phases_s_median=phases,
+        phase_share_of_mimi=shares,
+        runs=runs,
+    )
 
 
 if __name__ == "__main__":

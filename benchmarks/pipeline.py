@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from _common import machine, write_record
 
 from mimi.adapters import AdapterConfig, add_adapters
 from mimi.backbones import create_backbone, preprocessing
@@ -32,12 +32,6 @@ from mimi.shrink import apply_plan
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = RESULTS / "minivtab" / "fashion_mnist__mimi__budgetdim3__s0.json"
 TARGET = 0.05  # data-wait share a step may have
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
 
 
 def timed(data: Iterable, waits: list[float], computes: list[float], max_steps: int | None = None) -> Iterator:
@@ -157,17 +151,14 @@ def report(args: argparse.Namespace, info: dict, rows: dict[str, dict], raw: dic
     print("one-off decoding of every split to uint8 when the task is built (before training, not in the share)")
     out = args.out or RESULTS / "perf" / ("pipeline_quick.json" if args.quick else "pipeline.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "machine": info,
-        "date": time.strftime("%Y-%m-%d"),
-        "host": platform.node(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "target_share": TARGET,
-        "results": rows,
-        "raw_epochs": raw,
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nwritten {out}")
+    write_record(
+        out,
+        args,
+        info,
+        target_share=TARGET,
+        results=rows,
+        raw_epochs=raw,
+    )
 
 
 if __name__ == "__main__":

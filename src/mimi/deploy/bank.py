@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import AdaptedBranch, AdapterConfig, AdapterSite, adapter_sites, find_blocks, new_adapter
+from ..adapters import AdaptedBranch, Adapter, AdapterConfig, AdapterSite, adapter_sites, find_blocks, new_adapter
 from ..backbones import create_backbone, model_img_size, preprocessing
 from ..checkpoint import backbone_fingerprint, model_architecture
 from ..data.base import normalize, to_uint8
 from ..engine import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..methods.lora import LoRALinear
-from .routing import BankSite, LowRank, Router
+from .routing import BankSite, Router
 from .taskfile import SERVABLE, TaskFile, read_task_file
 
 
@@ -262,8 +262,14 @@ class AdapterBank:
                     f"{base.out_features} at rank {rank}: the file was made for another architecture or width"
                 )
             alpha = float(spec.get("alpha") or rank)
-            update = LowRank(a.to(self.device, self.dtype), b.to(self.device, self.dtype), alpha / rank)
-            adapters_[layer] = ("parallel", update)  # a LoRA update is a parallel adapter of its layer
+            # a LoRA update scale * B A x is a parallel adapter of its layer: no activation, no bias, A down, B up
+            with torch.device("meta"):
+                update = Adapter(
+                    base.in_features, base.out_features, rank, act="identity", bias=False, scale=alpha / rank
+                )
+            self._load(update, {"down.weight": a, "up.weight": b}, f, layer)
+            update.neuron_ids = torch.arange(rank, device=self.device)
+            adapters_[layer] = ("parallel", update)
         if f.fingerprint and self.fingerprint and f.fingerprint != self.fingerprint:
             warnings.warn(
                 f"{f.path} was trained on other weights of {theirs or 'this architecture'} than the bank's "

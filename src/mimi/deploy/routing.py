@@ -9,7 +9,6 @@ way multi-LoRA servers batch their adapters). A task with no adapter at a site c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
@@ -80,16 +79,3 @@ class BankSite(nn.Module):
             out = y.clone() if out is None else out
             out.index_add_(0, rows, delta.to(out.dtype))
         return y if out is None else out
-
-
-class LowRank(nn.Module):
-    """One task's LoRA update of one layer, ``x -> scaling * B A x``: a parallel adapter of that layer's site."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        super().__init__()
-        self.lora_a = nn.Parameter(a, requires_grad=False)  # (r, in): the file's tensor, not a copy
-        self.lora_b = nn.Parameter(b, requires_grad=False)  # (out, r)
-        self.scaling = scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
