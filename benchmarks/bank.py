@@ -168,7 +168,10 @@ def onnx_latency(args, path: Path, folder: Path) -> dict:
     model = mimi.load_adapters(backbone(args), path).eval()
     onnx_path = folder / "task0.onnx"
     res = export_onnx(model, onnx_path, img_size=args.img_size)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # ORT's worker threads spin after each call by default, stealing the cores PyTorch is timed on next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     out = {"max_abs_diff": res["max_abs_diff"], "onnx_bytes": res["bytes"]}
     for b in (1, args.batch):
         x = torch.randn(b, 3, args.img_size, args.img_size)
