@@ -152,9 +152,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     meta = read_metadata(path)
     tensors = load_tensors(path)
     sizes = json.loads(meta["sizes"])
+    if "lora" in meta:  # our LoRA: one rank per adapted layer
+        sizes = {name: int(spec["rank"]) for name, spec in json.loads(meta["lora"]).items()}
     head = set(json.loads(meta.get("head", "[]")))
     print(f"{path}: {path.stat().st_size:,} bytes on disk")
-    print(f"{'adapter':<40} {'hidden':>6} {'params':>9} {'bytes':>9}")
+    print(
+        f"{'adapter' if 'lora' not in meta else 'LoRA layer':<40} {'hidden' if 'lora' not in meta else 'rank':>6} {'params':>9} {'bytes':>9}"
+    )
     for name, h in sizes.items():
         ts = [t for k, t in tensors.items() if k.startswith(name + ".")]
         n = sum(t.numel() for t in ts)
