@@ -270,3 +270,16 @@ def test_untouched_backbone_tensors_in_a_file_are_accepted(tmp_path):
     bank.add("probe", g)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(bank.logits(x, "probe"), reference("vit", g)(x), atol=1e-5, rtol=0)
+
+
+def test_info_lists_lora_ranks(tmp_path, capsys):
+    from mimi.cli import main
+
+    f = tmp_path / "lora.safetensors"
+    make_task("vit", "lora", 3, f)
+    assert main(["info", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA layer" in out and "rank" in out
+    layers = [n for n, _ in lora_targets(bare("vit"))][1:]  # make_task leaves the first layer without LoRA
+    for i, name in enumerate(layers):
+        assert any(line.split()[:2] == [name, str(1 + i % 3)] for line in out.splitlines())
