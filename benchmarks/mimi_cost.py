@@ -228,7 +228,6 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], eq
     )
     print(f"checkpoint file: MiMi {m['checkpoint_bytes']:,} bytes at the end, adapter {a['checkpoint_bytes']:,}")
     out = args.out or RESULTS / "perf" / ("mimi_cost_quick.json" if args.quick else "mimi_cost.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_record(
         out,
         args,

@@ -150,7 +150,6 @@ def report(args: argparse.Namespace, info: dict, rows: dict[str, dict], raw: dic
     print("of a measured epoch, median and max over epochs; per-step: median of the steps' own shares; decode s:")
     print("one-off decoding of every split to uint8 when the task is built (before training, not in the share)")
     out = args.out or RESULTS / "perf" / ("pipeline_quick.json" if args.quick else "pipeline.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_record(
         out,
         args,
