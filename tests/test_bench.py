@@ -157,3 +157,47 @@ def test_runs_finished_by_another_worker_meanwhile_are_skipped(tmp_path, monkeyp
     spec_path.write_text(yaml.safe_dump(spec))
     assert main(["bench", str(spec_path), "--quiet", "--no-report"]) == 0
     assert len(BenchSpec.load(spec_path).expand()) == 3 and started == ["toy__linear__s0"]
+
+
+def test_a_method_can_have_its_own_seeds(tmp_path):
+    root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
+    methods = [{"label": "linear", "method": "linear"}, {"label": "bitfit", "method": "bitfit", "seeds": [0]}]
+    spec_path = _spec(tmp_path, root, methods)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["seeds"], spec["groups"] = [0, 1, 2], {"natural": ["vtab1k:toy"]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    ids = [r.id for r in BenchSpec.load(spec_path).expand()]
+    assert ids == ["toy__linear__s0", "toy__linear__s1", "toy__linear__s2", "toy__bitfit__s0"]
+    spec["methods"][1]["seeds"] = 0
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(spec_path), "--dry-run"]) == 2  # one-line ConfigError, not a traceback
+
+
+def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypatch, capsys):
+    import mimi.bench as bench
+
+    root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
+    spec_path = _spec(tmp_path, root, [{"label": "linear", "method": "linear"}])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["seeds"], spec["groups"] = [0, 1, 2, 3], {"natural": ["vtab1k:toy"]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    queue = tmp_path / "queue.txt"
+    queue.write_text("# most wanted first\ntoy__linear__s2\n\ntoy__linear__s0\n")
+    started = []
+
+    def fake_run_one(run, results, log=print):
+        started.append(run.id)
+        if run.id == "toy__linear__s2":  # edited while the worker runs: s3 jumps ahead of s0, s1 is added
+            queue.write_text("toy__linear__s3\ntoy__linear__s0\ntoy__linear__s1\ntoy__nothing__s0\n")
+        rec = {"id": run.id, "status": "ok", "test_acc": 0.5, "wall_seconds": 0.0}
+        (results / f"{run.id}.json").write_text(json.dumps(rec))
+        return rec
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    assert main(["bench", str(spec_path), "--quiet", "--no-report", "--queue", str(queue)]) == 0
+    assert started == ["toy__linear__s2", "toy__linear__s3", "toy__linear__s0", "toy__linear__s1"]
+    assert "'toy__nothing__s0' is not a run of this spec" in capsys.readouterr().out
+
+    queue.write_text("toy__linear__s0\ntoy__linaer__s1\n")  # a typo at start is an error, before any run
+    assert main(["bench", str(spec_path), "--quiet", "--queue", str(queue)]) == 2
+    assert "toy__linaer__s1" in capsys.readouterr().err

@@ -12,8 +12,11 @@ A SPEC (YAML)::
       - {label: linear, method: linear}
       - {label: adapter, method: adapter, adapter_dim: [96, 8]}     # a list: one run per value
       - {label: mimi, method: mimi, adapter_dim: 96, budget_dim: [8]}
+      - {label: mimi-lora, method: mimi-lora, budget_dim: [12, 48], seeds: [0]}  # a method's own seeds
 
 Runs whose JSON says ``ok`` are skipped; failures are recorded (status ``failed``) and retried next time.
+``--queue FILE`` runs the listed run ids in the file's order, re-reading it before every run, so the order
+can be changed while workers run.
 """
 
 from __future__ import annotations
@@ -83,10 +86,13 @@ class BenchSpec:
                 for entry in self.methods:
                     entry = dict(entry)
                     label = entry.pop("label", entry.get("method", "?"))
+                    seeds = entry.pop("seeds", self.seeds)
+                    if not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds):
+                        raise ConfigError(f"method {label!r}: seeds must be a list of integers, got {seeds!r}")
                     swept = {k: v for k, v in entry.items() if isinstance(v, list) and k not in ("method_kwargs",)}
                     for values in itertools.product(*swept.values()) if swept else [()]:
                         grid = dict(zip(swept, values))
-                        for seed in self.seeds:
+                        for seed in seeds:
                             cfg = {**self.defaults, **entry, **grid, "data": task, "seed": seed}
                             if task.split(":")[0] in self.data_roots:
                                 cfg["data_root"] = self.data_roots[task.split(":")[0]]
@@ -249,8 +255,39 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th run from the I-th")
     p.add_argument("--only", default=None, help="regex: only runs whose id matches")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    p.add_argument(
+        "--queue",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run only the run ids listed in FILE, in its order (re-read before every run)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="render the report at the end")
+
+
+def read_queue(path: Path, known: set[str], strict: bool) -> list[str]:
+    """The run ids listed in a queue file (one per line; blank lines and ``#`` comments skipped), in order.
+
+    An id that is not a run of the spec is an error when ``strict`` (at start), else a warning (the file was
+    edited while the workers run).
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the queue {path}: {e.strerror or e}; give a file of run ids, one per line"
+        ) from None
+    ids = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    unknown = [i for i in ids if i not in known]
+    if unknown and strict:
+        raise ConfigError(
+            f"{path}: {len(unknown)} id(s) are not runs of this spec, first {unknown[0]!r}; "
+            "list them with `mimi bench SPEC --dry-run`"
+        )
+    for i in unknown:
+        print(f"warning: {path}: {i!r} is not a run of this spec, skipped")
+    return [i for i in ids if i in known]
 
 
 @command("bench", "run a benchmark grid (tasks x methods x budgets x seeds); skips runs already done", _setup)
@@ -259,30 +296,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runs = spec.expand()
     i, n = args.shard
     runs = [r for k, r in enumerate(runs) if k % n == i and (not args.only or re.search(args.only, r.id))]
+    by_id = {r.id: r for r in runs}
+    if args.queue:
+        runs = [by_id[q] for q in read_queue(args.queue, set(by_id), strict=True)]
     results = Path(spec.results)
     results.mkdir(parents=True, exist_ok=True)
     done = {r.id for r in runs if _status(results / f"{r.id}.json") == "ok"}
     print(f"{spec.name}: {len(runs)} runs in shard {i}/{n}, {len(done)} already done")
-    failed = 0
-    for k, run in enumerate(runs):
-        if run.id in done or (not args.dry_run and _status(results / f"{run.id}.json") == "ok"):
-            continue  # done before this sweep started, or since by another worker sharing the results folder
-        if args.dry_run:
-            print(f"  todo {run.id}")
-            continue
+    if args.dry_run:
+        for run in runs:
+            if run.id not in done:
+                print(f"  todo {run.id}")
+        return 0
+    failed, tried = 0, set(done)
+    while True:
+        if args.queue:  # re-read: the order may have changed since the last run
+            try:
+                runs = [by_id[q] for q in read_queue(args.queue, set(by_id), strict=False)]
+            except ConfigError as e:  # moved or being replaced: keep the last order
+                print(f"warning: {e}")
+        run = next((r for r in runs if r.id not in tried), None)
+        if run is None:
+            break
+        tried.add(run.id)
+        if _status(results / f"{run.id}.json") == "ok":
+            continue  # done since this sweep started, by another worker sharing the results folder
         if not claim(results, run.id):
             continue  # another worker is running it
         try:
             if _status(results / f"{run.id}.json") == "ok":
                 continue  # finished by another worker between our check and our claim
-            print(f"[{k + 1}/{len(runs)}] {run.id}")
+            print(f"[{len(tried - done)}/{len(runs) - len(done)}] {run.id}")
             rec = run_one(run, results, log=(lambda s: None) if args.quiet else print)
         finally:
             release(results, run.id)
         failed += rec["status"] != "ok"
         acc = f"test {100 * rec['test_acc']:.2f}%" if rec["status"] == "ok" else rec["error"]
         print(f"    {rec['status']}: {acc} ({rec['wall_seconds']:.0f}s)")
-    if args.report and not args.dry_run:
+    if args.report:
         from .bench_report import load_results, write_report
 
         if load_results(results):  # nothing yet when other workers hold every run
