@@ -201,3 +201,24 @@ def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypat
     queue.write_text("toy__linear__s0\ntoy__linaer__s1\n")  # a typo at start is an error, before any run
     assert main(["bench", str(spec_path), "--quiet", "--queue", str(queue)]) == 2
     assert "toy__linaer__s1" in capsys.readouterr().err
+
+
+def test_dry_run_estimates_from_finished_runs_of_the_same_kind(tmp_path, capsys):
+    from mimi.bench import BenchRun, estimate_seconds
+
+    results = tmp_path / "results"
+    results.mkdir()
+    done = [("mimi", {"budget_dim": 3}, 100.0), ("mimi", {"budget_dim": 3}, 300.0), ("mimi", {"budget_dim": 3}, 200.0)]
+    done += [("mimi", {"budget_dim": 12}, 50.0), ("linear", {}, None)]
+    for k, (label, grid, wall) in enumerate(done):
+        rec = {"id": f"r{k}", "status": "ok", "label": label, "grid": grid, "wall_seconds": wall}
+        (results / f"r{k}.json").write_text(json.dumps(rec))
+    (results / "failed.json").write_text(json.dumps({"id": "f", "status": "failed", "label": "bitfit", "grid": {}}))
+
+    def run(label, grid):
+        return BenchRun(f"t__{label}__{grid}", "t", "g", label, 1, grid, {})
+
+    todo = [run("mimi", {"budget_dim": 3}), run("mimi", {"budget_dim": 48}), run("linear", {}), run("bitfit", {})]
+    guess = estimate_seconds(todo, results)
+    # same label and budget: median of 100/300/200; another budget: median over the label (50, 100, 200, 300)
+    assert guess == {todo[0].id: 200.0, todo[1].id: 150.0}

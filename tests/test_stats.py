@@ -123,6 +123,24 @@ def test_report_shows_mean_se_over_seeds_and_paired_differences(tmp_path):
     assert "bitfit" not in paired and "| 4 | mimi " not in paired
     assert (tmp_path / "report" / "pareto_mean.png").is_file()
     assert "paired by seed" in (tmp_path / "report" / "report.html").read_text()
+    assert "![paired differences to MiMi](paired_vs_mimi.png)" in paired
+    assert (tmp_path / "report" / "paired_vs_mimi.png").stat().st_size > 1000
+
+
+def test_forest_plot_draws_the_paired_comparisons_and_skips_single_pairs(tmp_path):
+    from mimi.bench_report import paired_comparisons, plot_paired
+
+    recs = _write_runs(tmp_path / "results")
+    comps = paired_comparisons(recs)
+    assert [(c.r, c.name, c.diff.n, c.n_seeds, c.above, c.below) for c in comps] == [
+        (4, "adapter", 6, 3, 1, 1),
+        (4, "lora", 6, 3, 2, 0),
+    ]
+    assert comps[0].verdict == "not separable at 3 seeds" and comps[1].verdict == "lora ahead"
+    assert plot_paired(recs, tmp_path / "forest.png").stat().st_size > 1000
+    one_pair = [r for r in recs if r["seed"] == 0 and r["task"] == "vtab1k:a"]  # one pair per method: no interval
+    assert [c.diff.n for c in paired_comparisons(one_pair)] == [1, 1]
+    assert plot_paired(one_pair, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_pareto_points_carry_se_only_with_two_seeds_or_more(tmp_path):

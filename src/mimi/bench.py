@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
 import traceback
@@ -266,6 +267,29 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="render the report at the end")
 
 
+def estimate_seconds(runs: list[BenchRun], results: Path) -> dict[str, float]:
+    """A guess of each run's wall time: the median of the finished runs with its label and swept values (any task,
+    any seed), else of those with its label; runs of a kind never finished are left out."""
+    walls: dict[tuple, list[float]] = {}
+    for p in results.glob("*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(rec, dict) or rec.get("status") != "ok" or not rec.get("wall_seconds"):
+            continue
+        grid = json.dumps(rec.get("grid", {}), sort_keys=True)
+        walls.setdefault((rec.get("label"), grid), []).append(rec["wall_seconds"])
+        walls.setdefault((rec.get("label"),), []).append(rec["wall_seconds"])
+    out = {}
+    for run in runs:
+        for key in ((run.label, json.dumps(run.grid, sort_keys=True)), (run.label,)):
+            if key in walls:
+                out[run.id] = statistics.median(walls[key])
+                break
+    return out
+
+
 def read_queue(path: Path, known: set[str], strict: bool) -> list[str]:
     """The run ids listed in a queue file (one per line; blank lines and ``#`` comments skipped), in order.
 
@@ -304,9 +328,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     done = {r.id for r in runs if _status(results / f"{r.id}.json") == "ok"}
     print(f"{spec.name}: {len(runs)} runs in shard {i}/{n}, {len(done)} already done")
     if args.dry_run:
-        for run in runs:
-            if run.id not in done:
-                print(f"  todo {run.id}")
+        todo = [r for r in runs if r.id not in done]
+        guess = estimate_seconds(todo, results)
+        for run in todo:
+            eta = f"~{guess[run.id] / 60:.0f} min" if run.id in guess else "? min"
+            print(f"  todo {run.id}  ({eta})")
+        if todo:
+            known = sum(guess.values()) / 3600
+            print(
+                f"{len(todo)} to do: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind"
+            )
+            if len(guess) < len(todo):
+                print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
         return 0
     failed, tried = 0, set(done)
     while True:

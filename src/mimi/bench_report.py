@@ -8,6 +8,7 @@ import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -273,10 +274,25 @@ def _verdict(d: PairedDiff, n_seeds: int, name: str) -> str:
     return f"{name} ahead" if d.mean > 0 else "mimi ahead"
 
 
-def _paired_cells(
-    name: str, mine: dict[tuple[str, int], float], ref: dict[tuple[str, int], float], seed: int
-) -> list[str] | None:
-    """Cells ``pairs (seeds), mean diff, interval, tasks above/below, verdict`` of ``mine - ref``."""
+@dataclass(frozen=True)
+class Comparison:
+    """One method minus MiMi at budget ``r``, paired by (task, seed)."""
+
+    r: int
+    name: str
+    diff: PairedDiff
+    n_seeds: int
+    above: int  # tasks whose mean over the paired seeds is above MiMi's
+    below: int
+
+    @property
+    def verdict(self) -> str:
+        return _verdict(self.diff, self.n_seeds, self.name)
+
+
+def _compare(
+    r: int, name: str, mine: dict[tuple[str, int], float], ref: dict[tuple[str, int], float], seed: int
+) -> Comparison | None:
     pairs = sorted(set(mine) & set(ref))
     if not pairs:
         return None
@@ -287,21 +303,27 @@ def _paired_cells(
     # the mean of a task's paired differences is the gap between its two means over the same seeds
     gaps = [statistics.mean(v) for v in per_task.values()]
     n_seeds = len({s for _, s in pairs})
-    interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
-    return [
-        f"{d.n} ({n_seeds})",
-        f"{d.mean:+.2f}",
-        interval,
-        f"{sum(g > 0 for g in gaps)}/{sum(g < 0 for g in gaps)}",
-        _verdict(d, n_seeds, name),
-    ]
+    return Comparison(r, name, d, n_seeds, sum(g > 0 for g in gaps), sum(g < 0 for g in gaps))
+
+
+def paired_comparisons(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[Comparison]:
+    """Each method minus MiMi at the same budget (see ``same_budget``), paired by (task, seed): the mean
+    difference in points and its 95% percentile bootstrap interval (pairs resampled; ``seed`` fixes the
+    resamples so the report is reproducible), largest budget first."""
+    by_r = same_budget(ok, slack)
+    out = []
+    for rr in sorted(by_r, reverse=True):
+        # all MiMi entries at r pool into one reference: stand-in cycles are labelled by their cycle number
+        ref = _by_pair([r for rs in by_r[rr].values() if _is_mimi(rs[0]) for r in rs])
+        for name, rs in sorted(by_r[rr].items()):
+            c = None if _is_mimi(rs[0]) else _compare(rr, name, _by_pair(rs), ref, seed)
+            if c is not None:
+                out.append(c)
+    return out
 
 
 def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[list[str]]:
-    """Each method minus MiMi at the same budget (see ``same_budget``), paired by (task, seed): the mean
-    difference in points, its 95% percentile bootstrap interval (pairs resampled; ``seed`` fixes the
-    resamples so the report is reproducible), and the tasks above / below MiMi by their means over seeds."""
-    by_r = same_budget(ok, slack)
+    """``paired_comparisons`` as rows: pairs (seeds), mean difference, interval, tasks above/below, verdict."""
     rows = [
         [
             "budget r",
@@ -313,14 +335,53 @@ def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[lis
             "verdict",
         ]
     ]
-    for rr in sorted(by_r, reverse=True):
-        # all MiMi entries at r pool into one reference: stand-in cycles are labelled by their cycle number
-        ref = _by_pair([r for rs in by_r[rr].values() if _is_mimi(rs[0]) for r in rs])
-        for name, rs in sorted(by_r[rr].items()):
-            cells = None if _is_mimi(rs[0]) else _paired_cells(name, _by_pair(rs), ref, seed)
-            if cells is not None:
-                rows.append([str(rr), name] + cells)
+    for c in paired_comparisons(ok, slack, seed):
+        d = c.diff
+        interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
+        rows.append(
+            [str(c.r), c.name, f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", interval, f"{c.above}/{c.below}", c.verdict]
+        )
     return rows
+
+
+def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) -> Path | None:
+    """A forest plot of ``paired_comparisons``: each method's mean gap to MiMi with its 95% interval, one row
+    per (budget, method); red where MiMi is ahead, blue where the method is, grey where 0 is inside."""
+    comps = [c for c in paired_comparisons(ok, slack, seed) if c.diff.n > 1]
+    if not comps:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(comps) + 1.3), dpi=120)
+    ys = list(range(len(comps)))[::-1]
+    for y, c in zip(ys, comps):
+        d = c.diff
+        color = "grey" if d.holds(0.0) else ("tab:blue" if d.mean > 0 else "tab:red")
+        ax.errorbar(
+            d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=color, capsize=3, markersize=5
+        )
+        ax.annotate(
+            f"{d.n} pairs, {c.n_seeds} seed{'s' if c.n_seeds > 1 else ''}",
+            (d.high, y),
+            xytext=(6, -3),
+            textcoords="offset points",
+            fontsize=7,
+            color="dimgrey",
+        )
+    for y, (a, b) in zip(ys, zip(comps, comps[1:])):
+        if a.r != b.r:  # a rule between budgets
+            ax.axhline(y - 0.5, color="lightgrey", linewidth=0.8)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(ys, [f"r={c.r}  {c.name}" for c in comps], fontsize=8)
+    ax.set_xlabel("test accuracy minus MiMi's at the same budget (points), 95% bootstrap interval")
+    ax.set_title("Against MiMi, paired by (task, seed): right of 0 beats MiMi", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    lo = min(c.diff.low for c in comps)
+    hi = max(c.diff.high for c in comps)
+    pad = 0.25 * (hi - lo or 1.0)
+    ax.set_xlim(min(lo, 0.0) - pad, max(hi, 0.0) + 2.2 * pad)  # room for the notes on the right
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
 
 
 def ablation_table(ok: list[dict]) -> list[list[str]]:
@@ -476,6 +537,7 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
         for t in ts:
             plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
     sizes = plot_mimi_sizes(ok, out / "mimi_sizes.png")
+    forest = plot_paired(ok, out / "paired_vs_mimi.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
     btable, ptable, atable = budget_table(ok), paired_table(ok), ablation_table(ok)
     wall = sum(r.get("wall_seconds", 0) for r in recs)
@@ -519,7 +581,7 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
             "",
             _md(ptable),
             "",
-        ]
+        ] + ([f"![paired differences to MiMi]({forest.name})", ""] if forest else [])
     if atable:
         lines += [
             "## MiMi ablation: neuron scores and one-shot pruning",
@@ -546,7 +608,10 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
         + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
         + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
         + "<h2>Plots</h2>"
-        + "".join(f'<img src="{p.name}" style="max-width:48%">' for p in plots + ([sizes] if sizes else []))
+        + "".join(
+            f'<img src="{p.name}" style="max-width:48%">'
+            for p in ([forest] if forest else []) + plots + ([sizes] if sizes else [])
+        )
     )
     style = "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>"
     atomic_write_text(
