@@ -323,16 +323,16 @@ def write_fake_cifar10(root: Path, n: int = 6) -> None:
 def offline_torchvision(monkeypatch):
     """No downloads, and file checks by existence only (the fake files cannot match the real md5 sums)."""
     import torchvision.datasets as tvd
-    import torchvision.datasets.cifar as tv_cifar
     import torchvision.datasets.flowers102 as tv_flowers
+
+    import mimi.data.cifar
 
     def no_network(self):
         raise OSError("network unreachable")
 
-    for cls in (tvd.CIFAR10, tvd.Flowers102):
-        monkeypatch.setattr(cls, "download", no_network)
+    monkeypatch.setattr(tvd.Flowers102, "download", no_network)
+    monkeypatch.setattr(mimi.data.cifar, "download", lambda layout, root: no_network(None))
     exists = lambda path, md5=None: Path(path).is_file()  # noqa: E731
-    monkeypatch.setattr(tv_cifar, "check_integrity", exists)
     monkeypatch.setattr(tv_flowers, "check_integrity", exists)
 
 
@@ -347,6 +347,46 @@ def test_cifar10_through_torchvision(tmp_path, offline_torchvision):
     assert task.train.images[0, :, 0, 0].tolist() == list(uid_color(ids(task.train)[0]))
     lazy = build_task("cifar10", root=tmp_path, img_size=IMG, val_fraction=0.2, in_memory=False)
     torch.testing.assert_close(lazy.test[2][0], task.test[2][0])
+
+
+class _RunsCode:
+    """What a hostile batch file carries: unpickling it with pickle.load would call os.mkdir."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_cifar_batches_are_read_without_running_code(tmp_path, offline_torchvision):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "was_run"
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+    msg = _error("cifar10", root=tmp_path)
+    assert str(batch) in msg and "refers to" in msg and "mkdir" in msg
+    assert not marker.exists()  # refused before anything was called
+    batch.write_bytes(pickle.dumps({"data": np.zeros((2, 100), dtype=np.uint8), "labels": [0, 1]}))
+    assert "N x 3072 uint8" in _error("cifar10", root=tmp_path)
+    batch.write_bytes(b"not a pickle")
+    assert "not a CIFAR batch file" in _error("cifar10", root=tmp_path)
+
+
+def test_cifar100_python2_style_byte_keys(tmp_path, offline_torchvision):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name, n in (("train", 10), ("test", 4)):
+        data = np.arange(n * 3072, dtype=np.int64).astype(np.uint8).reshape(n, 3072)
+        batch = {b"data": data, b"fine_labels": [k % 5 for k in range(n)], b"coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    names = [f"c{k}" for k in range(100)]
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=2))
+    task = build_task("cifar100", root=tmp_path, img_size=IMG, val_fraction=0.2)
+    assert task.num_classes == 100 and task.classes[:2] == ["c0", "c1"] and len(task.test) == 4
+    assert sorted(task.test.labels.tolist()) == [0, 1, 2, 3]
 
 
 def test_cifar10_missing_files(tmp_path, offline_torchvision):

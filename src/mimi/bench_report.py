@@ -451,10 +451,11 @@ def _mean_points(ok: list[dict]) -> dict[str, list[Point]]:
 
 def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     """Accuracy vs trainable parameters (log x): one line per method label, ± SE bars where a point has two
-    seeds or more; MiMi cycles dotted."""
+    seeds or more; the cycles of pruned runs dotted."""
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     ok = [r for r in recs if r["status"] == "ok"]
     by_label = _task_points(ok, task) if task is not None else _mean_points(ok)
+    colors: dict[str, Any] = {}
     for i, (label, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
         xs, ys, errs = zip(*pts)
@@ -462,16 +463,18 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
         if label == "mimi":  # the method of this project: drawn on top, thicker
             style.update(color="black", marker="*", markersize=11, linewidth=2.2, zorder=5)
         ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", label=label, **style)
+        colors[label] = style["color"]
         bars = [(x, y, e) for x, y, e in zip(xs, ys, errs) if e is not None]
         if bars:
             bx, by, be = zip(*bars)
             ax.errorbar(bx, by, yerr=be, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3, zorder=5)
-    if task is not None:
+    if task is not None:  # the cycles of pruned runs (seed 0), dotted in their method's colour
         for r in ok:
-            if r["task"] == task and len(r.get("cycles", [])) > 1:
+            if r["task"] == task and len(r.get("cycles", [])) > 1 and r.get("seed", 0) == 0:
                 head = r["params"]["head"] or 0
                 xs = [c["trainable_params"] - head for c in r["cycles"]]
-                ax.plot(xs, [100 * c["test_acc"] for c in r["cycles"]], ":", color="grey", alpha=0.6, linewidth=1)
+                color = colors.get(line_key(r), "grey")
+                ax.plot(xs, [100 * c["test_acc"] for c in r["cycles"]], ":", color=color, alpha=0.5, linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters without head (log)")
     ax.set_ylabel("test top-1 accuracy (%)")

@@ -1,9 +1,9 @@
-"""CIFAR-10, CIFAR-100, SVHN and Oxford Flowers-102 through torchvision's own readers.
+"""CIFAR-10, CIFAR-100, SVHN and Oxford Flowers-102: torchvision's readers, and ours for CIFAR.
 
 ``root`` is the folder torchvision reads (and would download into). Files are looked for first; a download
 is tried only when they are missing, and a failed download becomes one DataError line saying which files
-to put where. Note: torchvision's CIFAR reader ``pickle.load``s the batch files; that is CIFAR's own
-distribution format, read by the library, and the only unpickling on this project's data path.
+to put where. CIFAR's batch files are pickles: they are read by ``cifar.py`` with an allow-list of numpy's
+array constructors, never by ``pickle.load`` (which torchvision's CIFAR reader uses).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .base import ImageSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
+from .cifar import CIFAR10, CIFAR100, open_cifar
 
 
 class TorchvisionSource(ImageSource):
@@ -74,16 +75,16 @@ class TorchvisionSet:
 
 SETS: dict[str, TorchvisionSet] = {
     "cifar10": TorchvisionSet(
-        lambda root, split, dl: tvd.CIFAR10(root, train=split == "train", download=dl),
+        partial(open_cifar, CIFAR10),
         "DIR/cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta",
         False,
-        "CIFAR-10 via torchvision (--data-root holds cifar-10-batches-py/)",
+        "CIFAR-10, python batches read without unpickling code (--data-root holds cifar-10-batches-py/)",
     ),
     "cifar100": TorchvisionSet(
-        lambda root, split, dl: tvd.CIFAR100(root, train=split == "train", download=dl),
+        partial(open_cifar, CIFAR100),
         "DIR/cifar-100-python/ with train, test, meta",
         False,
-        "CIFAR-100 via torchvision (--data-root holds cifar-100-python/)",
+        "CIFAR-100, python batches read without unpickling code (--data-root holds cifar-100-python/)",
     ),
     "svhn": TorchvisionSet(
         lambda root, split, dl: tvd.SVHN(root, split=split, download=dl),
