@@ -384,23 +384,42 @@ def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) 
     return path
 
 
-def ablation_table(ok: list[dict]) -> list[list[str]]:
-    """MiMi's scores and its one-shot variant at the budget where they were all run (the ablation)."""
+def ablation_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
+    """MiMi's neuron scores and its one-shot variant, at every budget where two or more of them ran: each
+    against the default ``mimi`` score, paired by (task, seed) as in ``paired_table``."""
     by_r: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in ok:
         cfg = r.get("config", {})
         if cfg.get("method") in ("mimi", "mimi-oneshot") and size_r(r) is not None:
             name = f"{cfg.get('score', 'mimi')}" + (", one-shot" if cfg["method"] == "mimi-oneshot" else "")
             by_r[size_r(r)][name].append(r)
-    if not by_r:
+    rows = []
+    for rr in sorted(by_r, reverse=True):
+        named = by_r[rr]
+        if len(named) < 2 or "mimi" not in named:
+            continue
+        ref = _by_pair(named["mimi"])
+        for name, rs in sorted(named.items(), key=lambda kv: (kv[0] != "mimi", kv[0])):
+            params = human(
+                statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
+            )
+            mine = _by_pair(rs)
+            pairs = sorted(set(mine) & set(ref)) if name != "mimi" else sorted(mine)
+            n_seeds = len({s for _, s in pairs})
+            row = [str(rr), name, params, f"{len(pairs)} ({n_seeds})"]
+            row.append(f"{statistics.mean(mine[p] for p in pairs):.2f}" if pairs else "–")
+            c = None if name == "mimi" else _compare(rr, name, mine, ref, seed)
+            if c is None:
+                rows.append(row + ["–"] * 5)
+                continue
+            d = c.diff
+            interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
+            mimi_mean = statistics.mean(ref[p] for p in pairs)
+            rows.append(row + [f"{mimi_mean:.2f}", f"{d.mean:+.2f}", interval, f"{c.above}/{c.below}", c.verdict])
+    if not rows:
         return []
-    rr = max(by_r, key=lambda k: (len(by_r[k]), k))
-    if len(by_r[rr]) < 2:
-        return []
-    named = dict(sorted(by_r[rr].items(), key=lambda kv: (kv[0] != "mimi", kv[0])))
-    return [
-        ["score", "params (no head)", "tasks", "mean test acc", "mimi, same tasks", "gap (above/below)"]
-    ] + _compare_rows(named, "mimi")
+    header = ["budget r", "score", "params (no head)", "pairs (seeds)", "mean test acc", "mimi, same pairs"]
+    return [header + ["score − mimi", "95% bootstrap interval", "tasks above/below", "verdict"]] + rows
 
 
 def _md(rows: list[list[str]]) -> str:
@@ -589,8 +608,9 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
         lines += [
             "## MiMi ablation: neuron scores and one-shot pruning",
             "",
-            "The same schedule with each neuron score, and one cut straight to the budget (one-shot), "
-            "each against the default `mimi` score on the tasks both ran.",
+            "The same schedule with each neuron score, and one cut straight to the budget (one-shot), at every "
+            "budget where they ran: each against the default `mimi` score over the (task, seed) pairs both ran, "
+            "with a 95% bootstrap interval as above (for `mimi` itself: all its runs).",
             "",
             _md(atable),
             "",
