@@ -200,6 +200,13 @@ def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypat
     assert started == ["toy__linear__s2", "toy__linear__s3", "toy__linear__s0", "toy__linear__s1"]
     assert "'toy__nothing__s0' is not a run of this spec" in capsys.readouterr().out
 
+    for f in (tmp_path / "results").glob("*.json"):
+        f.unlink()
+    started.clear()
+    queue.write_text("toy__linear__s3\ntoy__linear__s0\ntoy__linear__s1\n")  # --only / --shard still apply
+    assert main(["bench", str(spec_path), "--quiet", "--no-report", "--queue", str(queue), "--only", "s[01]$"]) == 0
+    assert started == ["toy__linear__s0", "toy__linear__s1"]
+
     queue.write_text("toy__linear__s0\ntoy__linaer__s1\n")  # a typo at start is an error, before any run
     assert main(["bench", str(spec_path), "--quiet", "--queue", str(queue)]) == 2
     assert "toy__linaer__s1" in capsys.readouterr().err

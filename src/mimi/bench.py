@@ -318,11 +318,12 @@ def read_queue(path: Path, known: set[str], strict: bool) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     spec = BenchSpec.load(args.spec)
     runs = spec.expand()
+    every = {r.id for r in runs}  # a queued id of another shard, or outside --only, is skipped, not an error
     i, n = args.shard
     runs = [r for k, r in enumerate(runs) if k % n == i and (not args.only or re.search(args.only, r.id))]
     by_id = {r.id: r for r in runs}
     if args.queue:
-        runs = [by_id[q] for q in read_queue(args.queue, set(by_id), strict=True)]
+        runs = [by_id[q] for q in read_queue(args.queue, every, strict=True) if q in by_id]
     results = Path(spec.results)
     results.mkdir(parents=True, exist_ok=True)
     done = {r.id for r in runs if _status(results / f"{r.id}.json") == "ok"}
@@ -345,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     while True:
         if args.queue:  # re-read: the order may have changed since the last run
             try:
-                runs = [by_id[q] for q in read_queue(args.queue, set(by_id), strict=False)]
+                runs = [by_id[q] for q in read_queue(args.queue, every, strict=False) if q in by_id]
             except ConfigError as e:  # moved or being replaced: keep the last order
                 print(f"warning: {e}")
         run = next((r for r in runs if r.id not in tried), None)
