@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mimi.bench_report import _mean_points, _task_points, fmt_mean_se, paired_table, write_report
+from mimi.cli import main
 from mimi.stats import MeanSE, bootstrap_mean_interval, mean_se, paired_difference
 
 
@@ -125,6 +126,19 @@ def test_report_shows_mean_se_over_seeds_and_paired_differences(tmp_path):
     assert "paired by seed" in (tmp_path / "report" / "report.html").read_text()
     assert "![paired differences to MiMi](paired_vs_mimi.png)" in paired
     assert (tmp_path / "report" / "paired_vs_mimi.png").stat().st_size > 1000
+
+
+def test_pairing_against_another_method(tmp_path):
+    recs = _write_runs(tmp_path / "results")
+    rows = paired_table(recs, against="adapter")
+    assert rows[0][3] == "method − adapter"
+    # mimi - adapter is minus the adapter - mimi above: -0.50 in [-7/6, +1/6]
+    assert rows[1] == ["4", "lora", "6 (3)", "+1.50", "[+0.83, +2.17]", "2/0", "lora ahead"]
+    assert rows[2] == ["4", "mimi", "6 (3)", "-0.50", "[-1.17, +0.17]", "1/1", "not separable at 3 seeds"]
+    assert len(paired_table(recs, against="nobody")) == 1  # the header alone
+    assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "r"), "--against", "adapter"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Against adapter at the same budget, paired by seed" in md and "| 4 | lora | 6 (3) | +1.50 |" in md
 
 
 def test_forest_plot_draws_the_paired_comparisons_and_skips_single_pairs(tmp_path):

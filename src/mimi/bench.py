@@ -387,12 +387,19 @@ def _report_setup(p: argparse.ArgumentParser) -> None:
         "results", type=Path, nargs="+", help="folder(s) of run JSONs written by `mimi bench` (several are merged)"
     )
     p.add_argument("--out", type=Path, default=None, help="report folder (default: the first RESULTS/report)")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="also pair every method with this method label at the same budget (repeatable; MiMi always)",
+    )
 
 
 @command("report", "render tables (Markdown, HTML) and plots from a folder of bench JSONs", _report_setup)
 def cmd_report(args: argparse.Namespace) -> int:
     from .bench_report import write_report
 
-    path = write_report(args.results, out=args.out)
+    path = write_report(args.results, out=args.out, against=args.against)
     print(f"report: {path}")
     return 0

@@ -266,32 +266,38 @@ def _by_pair(recs: list[dict]) -> dict[tuple[str, int], float]:
     return {k: statistics.mean(v) for k, v in accs.items()}
 
 
-def _verdict(d: PairedDiff, n_seeds: int, name: str) -> str:
+def _verdict(d: PairedDiff, n_seeds: int, name: str, ref: str = "mimi") -> str:
     if d.n < 2:  # one pair resamples to itself: no interval to judge by
         return "one pair, no interval"
     if d.holds(0.0):
         return f"not separable at {n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    return f"{name} ahead" if d.mean > 0 else "mimi ahead"
+    return f"{name} ahead" if d.mean > 0 else f"{ref} ahead"
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One method minus MiMi at budget ``r``, paired by (task, seed)."""
+    """One method minus a reference (MiMi unless said) at budget ``r``, paired by (task, seed)."""
 
     r: int
     name: str
     diff: PairedDiff
     n_seeds: int
-    above: int  # tasks whose mean over the paired seeds is above MiMi's
+    above: int  # tasks whose mean over the paired seeds is above the reference's
     below: int
+    ref: str = "mimi"
 
     @property
     def verdict(self) -> str:
-        return _verdict(self.diff, self.n_seeds, self.name)
+        return _verdict(self.diff, self.n_seeds, self.name, self.ref)
 
 
 def _compare(
-    r: int, name: str, mine: dict[tuple[str, int], float], ref: dict[tuple[str, int], float], seed: int
+    r: int,
+    name: str,
+    mine: dict[tuple[str, int], float],
+    ref: dict[tuple[str, int], float],
+    seed: int,
+    ref_name: str = "mimi",
 ) -> Comparison | None:
     pairs = sorted(set(mine) & set(ref))
     if not pairs:
@@ -303,39 +309,38 @@ def _compare(
     # the mean of a task's paired differences is the gap between its two means over the same seeds
     gaps = [statistics.mean(v) for v in per_task.values()]
     n_seeds = len({s for _, s in pairs})
-    return Comparison(r, name, d, n_seeds, sum(g > 0 for g in gaps), sum(g < 0 for g in gaps))
+    return Comparison(r, name, d, n_seeds, sum(g > 0 for g in gaps), sum(g < 0 for g in gaps), ref_name)
 
 
-def paired_comparisons(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[Comparison]:
-    """Each method minus MiMi at the same budget (see ``same_budget``), paired by (task, seed): the mean
-    difference in points and its 95% percentile bootstrap interval (pairs resampled; ``seed`` fixes the
-    resamples so the report is reproducible), largest budget first."""
+def paired_comparisons(
+    ok: list[dict], slack: float = 0.02, seed: int = 0, against: str | None = None
+) -> list[Comparison]:
+    """Each method minus MiMi (or the method labelled ``against``) at the same budget (see ``same_budget``),
+    paired by (task, seed): the mean difference in points and its 95% percentile bootstrap interval (pairs
+    resampled; ``seed`` fixes the resamples so the report is reproducible), largest budget first. Budgets
+    where the reference did not run are left out."""
     by_r = same_budget(ok, slack)
     out = []
     for rr in sorted(by_r, reverse=True):
-        # all MiMi entries at r pool into one reference: stand-in cycles are labelled by their cycle number
-        ref = _by_pair([r for rs in by_r[rr].values() if _is_mimi(rs[0]) for r in rs])
+        if against is None:
+            # all MiMi entries at r pool into one reference: stand-in cycles are labelled by their cycle number
+            is_ref = {name: _is_mimi(rs[0]) for name, rs in by_r[rr].items()}
+        else:
+            is_ref = {name: name == against for name in by_r[rr]}
+        ref = _by_pair([r for name, rs in by_r[rr].items() if is_ref[name] for r in rs])
         for name, rs in sorted(by_r[rr].items()):
-            c = None if _is_mimi(rs[0]) else _compare(rr, name, _by_pair(rs), ref, seed)
+            c = None if is_ref[name] else _compare(rr, name, _by_pair(rs), ref, seed, against or "mimi")
             if c is not None:
                 out.append(c)
     return out
 
 
-def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0) -> list[list[str]]:
+def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0, against: str | None = None) -> list[list[str]]:
     """``paired_comparisons`` as rows: pairs (seeds), mean difference, interval, tasks above/below, verdict."""
-    rows = [
-        [
-            "budget r",
-            "method",
-            "pairs (seeds)",
-            "method − mimi",
-            "95% bootstrap interval",
-            "tasks above/below",
-            "verdict",
-        ]
-    ]
-    for c in paired_comparisons(ok, slack, seed):
+    ref = against or "mimi"
+    header = ["budget r", "method", "pairs (seeds)", f"method − {ref}", "95% bootstrap interval"]
+    rows = [header + ["tasks above/below", "verdict"]]
+    for c in paired_comparisons(ok, slack, seed, against):
         d = c.diff
         interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
         rows.append(
@@ -535,10 +540,12 @@ def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
     )
 
 
-def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+def write_report(
+    results: str | Path | Sequence[str | Path], *, out: str | Path | None = None, against: Sequence[str] = ()
+) -> Path:
     """Render ``report.md``, ``report.html`` and PNG plots from the JSONs in ``results`` (one folder, or several
     merged: a run found twice is reported once). The report goes to ``out`` (default: the first folder's
-    ``report/``)."""
+    ``report/``). Every method is paired with MiMi at its budget, and also with each label in ``against``."""
     folders = [Path(results)] if isinstance(results, str | Path) else [Path(r) for r in results]
     for folder in folders:
         if not folder.is_dir():
@@ -604,6 +611,10 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
             _md(ptable),
             "",
         ] + ([f"![paired differences to MiMi]({forest.name})", ""] if forest else [])
+    extra = {a: paired_table(ok, against=a) for a in against}
+    for a, rows in extra.items():
+        lines += [f"## Against {a} at the same budget, paired by seed", ""]
+        lines += [_md(rows), ""] if len(rows) > 1 else [f"No budget where `{a}` and another method both ran.", ""]
     if atable:
         lines += [
             "## MiMi ablation: neuron scores and one-shot pruning",
@@ -629,6 +640,7 @@ def write_report(results: str | Path | Sequence[str | Path], *, out: str | Path 
         f"<h2>Per group</h2>{_html(gtable)}"
         + (f"<h2>At the same budget</h2>{_html(btable)}" if len(btable) > 1 else "")
         + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
+        + "".join(f"<h2>Against {html.escape(a)}, paired by seed</h2>{_html(rows)}" for a, rows in extra.items())
         + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
         + "<h2>Plots</h2>"
         + "".join(
