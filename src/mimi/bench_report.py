@@ -363,26 +363,23 @@ def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) 
         ax.errorbar(
             d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=color, capsize=3, markersize=5
         )
-        ax.annotate(
-            f"{d.n} pairs, {c.n_seeds} seed{'s' if c.n_seeds > 1 else ''}",
-            (d.high, y),
-            xytext=(6, -3),
-            textcoords="offset points",
-            fontsize=7,
-            color="dimgrey",
-        )
+        note = f"{d.mean:+.2f}, {d.n} pairs, {c.n_seeds} seed{'s' if c.n_seeds > 1 else ''}"
+        ax.annotate(note, (d.high, y), xytext=(6, -3), textcoords="offset points", fontsize=7, color="dimgrey")
     for y, (a, b) in zip(ys, zip(comps, comps[1:])):
         if a.r != b.r:  # a rule between budgets
             ax.axhline(y - 0.5, color="lightgrey", linewidth=0.8)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(ys, [f"r={c.r}  {c.name}" for c in comps], fontsize=8)
-    ax.set_xlabel("test accuracy minus MiMi's at the same budget (points), 95% bootstrap interval")
+    ax.set_xlabel("test accuracy minus MiMi's at the same budget (points; linear within ±2, log beyond)")
     ax.set_title("Against MiMi, paired by (task, seed): right of 0 beats MiMi", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
+    # linear within +-2 points, logarithmic beyond: one far-off method (AdaLoRA at -12) does not squeeze the rest
+    ax.set_xscale("symlog", linthresh=2.0)
     lo = min(c.diff.low for c in comps)
     hi = max(c.diff.high for c in comps)
-    pad = 0.25 * (hi - lo or 1.0)
-    ax.set_xlim(min(lo, 0.0) - pad, max(hi, 0.0) + 2.2 * pad)  # room for the notes on the right
+    ax.set_xlim(min(lo, -1.0) * 1.15, max(hi, 1.0) * 4 + 4)  # room for the notes on the right
+    ticks = [t for t in (-20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20) if lo * 1.15 <= t <= max(hi, 1.0) * 4 + 4]
+    ax.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
