@@ -290,11 +290,11 @@ def estimate_seconds(runs: list[BenchRun], results: Path) -> dict[str, float]:
     return out
 
 
-def read_queue(path: Path, known: set[str], strict: bool) -> list[str]:
+def read_queue(path: Path, known: set[str], strict: bool, warned: set[str] | None = None) -> list[str]:
     """The run ids listed in a queue file (one per line; blank lines and ``#`` comments skipped), in order.
 
     An id that is not a run of the spec is an error when ``strict`` (at start), else a warning (the file was
-    edited while the workers run).
+    edited while the workers run), printed once per id in ``warned``.
     """
     try:
         lines = path.read_text().splitlines()
@@ -310,7 +310,10 @@ def read_queue(path: Path, known: set[str], strict: bool) -> list[str]:
             "list them with `mimi bench SPEC --dry-run`"
         )
     for i in unknown:
-        print(f"warning: {path}: {i!r} is not a run of this spec, skipped")
+        if warned is None or i not in warned:
+            print(f"warning: {path}: {i!r} is not a run of this spec, skipped")
+        if warned is not None:
+            warned.add(i)
     return [i for i in ids if i in known]
 
 
@@ -342,11 +345,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if len(guess) < len(todo):
                 print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
         return 0
-    failed, tried = 0, set(done)
+    failed, tried, warned = 0, set(done), set()
     while True:
         if args.queue:  # re-read: the order may have changed since the last run
             try:
-                runs = [by_id[q] for q in read_queue(args.queue, every, strict=False) if q in by_id]
+                runs = [by_id[q] for q in read_queue(args.queue, every, strict=False, warned=warned) if q in by_id]
             except ConfigError as e:  # moved or being replaced: keep the last order
                 print(f"warning: {e}")
         run = next((r for r in runs if r.id not in tried), None)
