@@ -134,9 +134,11 @@ def test_budget_and_ablation_tables_compare_on_shared_tasks():
     assert adapter[1:] == ["adapter", "1.0k", "2", "67.50", "70.00", "-2.50 (1/1)"]
     abl = ablation_table(recs + [_rec("b", "rand", "mimi", 0.62, 1000, budget_dim=4, score="random")])
     assert [r[:2] for r in abl[1:]] == [["4", "mimi"], ["4", "random"]]
-    assert abl[1][3:] == ["2 (1)", "70.00", "–", "–", "–", "–", "–"]
+    assert abl[1][3:] == ["2 (1)", "70.00", "–", "–", "–", "–", "–", "–"]
     # random - mimi: -30 on a, +2 on b; two pairs resample to -30, -14 or +2
-    assert abl[2][3:] == ["2 (1)", "56.00", "70.00", "-14.00", "[-30.00, +2.00]", "1/1", "not separable at 1 seed"]
+    # two tasks of one pair each: resampling tasks is resampling the pairs, the same interval
+    interval = "[-30.00, +2.00]"
+    assert abl[2][3:] == ["2 (1)", "56.00", "70.00", "-14.00", interval, interval, "1/1", "not separable at 1 seed"]
 
 
 def test_runs_finished_by_another_worker_meanwhile_are_skipped(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from mimi.bench_report import _mean_points, _task_points, fmt_mean_se, paired_table, write_report
 from mimi.cli import main
-from mimi.stats import MeanSE, bootstrap_mean_interval, mean_se, paired_difference
+from mimi.stats import MeanSE, bootstrap_mean_interval, clustered_bootstrap_interval, mean_se, paired_difference
 
 
 def test_mean_se_matches_hand_computed_values():
@@ -44,6 +44,36 @@ def test_bootstrap_is_deterministic_with_its_seed():
     values = np.random.default_rng(123).normal(size=20).tolist()
     assert bootstrap_mean_interval(values) == bootstrap_mean_interval(values)
     assert bootstrap_mean_interval(values, seed=1) != bootstrap_mean_interval(values, seed=2)
+
+
+def test_clustered_bootstrap_hand_computed_cases():
+    # two groups of one value: the plain bootstrap of [0, 10] (0, 5, 10 with 1/4, 1/2, 1/4)
+    assert clustered_bootstrap_interval([[0], [10]]) == (0.0, 10.0)
+    # three tasks whose seeds agree: resampling 3 tasks gives means of 3 draws from {1, 2, -1}; the 2.5% and
+    # 97.5% quantiles are -1 (all three -1: 1/27 > 2.5%) and 2 (all three 2: 1/27)
+    assert clustered_bootstrap_interval([[1, 1, 1], [2, 2, 2], [-1, -1, -1]]) == (-1.0, 2.0)
+    assert clustered_bootstrap_interval([[2, 2], [2]]) == (2.0, 2.0)  # uneven groups, all one value
+    with pytest.raises(ValueError):
+        clustered_bootstrap_interval([])
+    with pytest.raises(ValueError):
+        clustered_bootstrap_interval([[1.0], []])
+    with pytest.raises(ValueError):
+        clustered_bootstrap_interval([[1.0], [2.0]], confidence=0.0)
+
+
+def test_clustered_bootstrap_invariants():
+    rng = np.random.default_rng(7)
+    singles = rng.normal(size=12)
+    # one value per group: exactly the plain bootstrap (the same draws of the same generator)
+    assert clustered_bootstrap_interval([[v] for v in singles]) == bootstrap_mean_interval(singles)
+    # seeds that share their task's effect: pairs treated as independent understate the spread across tasks
+    effects = rng.normal(scale=2.0, size=6)
+    groups = [(e + rng.normal(scale=0.1, size=3)).tolist() for e in effects]
+    flat = [v for g in groups for v in g]
+    c_low, c_high = clustered_bootstrap_interval(groups)
+    p_low, p_high = bootstrap_mean_interval(flat)
+    assert c_low < p_low and p_high < c_high and c_low <= float(np.mean(flat)) <= c_high
+    assert clustered_bootstrap_interval(groups, seed=3) == clustered_bootstrap_interval(groups, seed=3)
 
 
 def test_paired_difference():
@@ -119,8 +149,12 @@ def test_report_shows_mean_se_over_seeds_and_paired_differences(tmp_path):
     # adapter - mimi: +1.5 on the 3 pairs of a, -0.5 on the 3 of b, mean +0.50. Resampling the 6 pairs,
     # k of them from a, gives a mean of (2k - 3) / 6 with k ~ Binomial(6, 1/2): P(k <= 0) = 1/64 < 2.5% <
     # P(k <= 1) = 7/64, so the interval runs from k = 1 to k = 5: [-1/6, +7/6]
-    assert "| 4 | adapter | 6 (3) | +0.50 | [-0.17, +1.17] | 1/1 | not separable at 3 seeds |" in paired
-    assert "| 4 | lora | 6 (3) | +2.00 | [+2.00, +2.00] | 2/0 | lora ahead |" in paired
+    # tasks resampled: each task's seeds give the same difference, so only the draw of tasks matters: both a
+    # (1/4) +1.5, one of each (1/2) +0.5, both b (1/4) -0.5, and the 95% interval is [-0.5, +1.5]
+    assert (
+        "| 4 | adapter | 6 (3) | +0.50 | [-0.17, +1.17] | [-0.50, +1.50] | 1/1 | not separable at 3 seeds |" in paired
+    )
+    assert "| 4 | lora | 6 (3) | +2.00 | [+2.00, +2.00] | [+2.00, +2.00] | 2/0 | lora ahead |" in paired
     assert "bitfit" not in paired and "| 4 | mimi " not in paired
     assert (tmp_path / "report" / "pareto_mean.png").is_file()
     assert "paired by seed" in (tmp_path / "report" / "report.html").read_text()
@@ -133,8 +167,10 @@ def test_pairing_against_another_method(tmp_path):
     rows = paired_table(recs, against="adapter")
     assert rows[0][3] == "method − adapter"
     # mimi - adapter is minus the adapter - mimi above: -0.50 in [-7/6, +1/6]
-    assert rows[1] == ["4", "lora", "6 (3)", "+1.50", "[+0.83, +2.17]", "2/0", "lora ahead"]
-    assert rows[2] == ["4", "mimi", "6 (3)", "-0.50", "[-1.17, +0.17]", "1/1", "not separable at 3 seeds"]
+    # lora - adapter: +0.5 on every pair of a, +2.5 on every pair of b; tasks resampled: [+0.5, +2.5]
+    assert rows[1] == ["4", "lora", "6 (3)", "+1.50", "[+0.83, +2.17]", "[+0.50, +2.50]", "2/0", "lora ahead"]
+    mimi_row = ["4", "mimi", "6 (3)", "-0.50", "[-1.17, +0.17]", "[-1.50, +0.50]", "1/1", "not separable at 3 seeds"]
+    assert rows[2] == mimi_row
     assert len(paired_table(recs, against="nobody")) == 1  # the header alone
     assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "r"), "--against", "adapter"]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
@@ -176,7 +212,7 @@ def test_paired_table_pools_mimi_cycles_standing_in_and_needs_two_pairs():
     mid = _rec("a", "mid", "adapter", 0, 0.82, adapter_dim=8)
     mid["params"]["adapter"] = 2000
     rows = paired_table([mimi, mid])
-    assert rows[1:] == [["8", "mid", "1 (1)", "-3.00", "–", "0/1", "one pair, no interval"]]
+    assert rows[1:] == [["8", "mid", "1 (1)", "-3.00", "–", "–", "0/1", "one pair, no interval"]]
 
 
 def test_report_merges_results_folders_once_each_and_warns_on_disagreement(tmp_path, caplog):

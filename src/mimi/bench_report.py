@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .io_utils import atomic_write, atomic_write_text  # noqa: E402
 from .report import _block_grid, human, save_size_grid  # noqa: E402
-from .stats import MeanSE, PairedDiff, mean_se, paired_difference  # noqa: E402
+from .stats import MeanSE, PairedDiff, clustered_bootstrap_interval, mean_se, paired_difference  # noqa: E402
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 
@@ -285,6 +285,9 @@ class Comparison:
     above: int  # tasks whose mean over the paired seeds is above the reference's
     below: int
     ref: str = "mimi"
+    # 95% interval of the same mean with tasks resampled, then seeds within a task: what the gap says about
+    # another task; None with fewer than two tasks
+    across_tasks: tuple[float, float] | None = None
 
     @property
     def verdict(self) -> str:
@@ -309,7 +312,18 @@ def _compare(
     # the mean of a task's paired differences is the gap between its two means over the same seeds
     gaps = [statistics.mean(v) for v in per_task.values()]
     n_seeds = len({s for _, s in pairs})
-    return Comparison(r, name, d, n_seeds, sum(g > 0 for g in gaps), sum(g < 0 for g in gaps), ref_name)
+    across = clustered_bootstrap_interval(list(per_task.values()), seed=seed) if len(per_task) > 1 else None
+    above, below = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
+    return Comparison(r, name, d, n_seeds, above, below, ref_name, across)
+
+
+def _interval(c: Comparison) -> str:
+    d = c.diff
+    return f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
+
+
+def _across(c: Comparison) -> str:
+    return "–" if c.across_tasks is None else "[{:+.2f}, {:+.2f}]".format(*c.across_tasks)
 
 
 def paired_comparisons(
@@ -339,13 +353,11 @@ def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0, against: st
     """``paired_comparisons`` as rows: pairs (seeds), mean difference, interval, tasks above/below, verdict."""
     ref = against or "mimi"
     header = ["budget r", "method", "pairs (seeds)", f"method − {ref}", "95% bootstrap interval"]
-    rows = [header + ["tasks above/below", "verdict"]]
+    rows = [header + ["tasks resampled", "tasks above/below", "verdict"]]
     for c in paired_comparisons(ok, slack, seed, against):
         d = c.diff
-        interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
-        rows.append(
-            [str(c.r), c.name, f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", interval, f"{c.above}/{c.below}", c.verdict]
-        )
+        row = [str(c.r), c.name, f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", _interval(c), _across(c)]
+        rows.append(row + [f"{c.above}/{c.below}", c.verdict])
     return rows
 
 
@@ -360,23 +372,30 @@ def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) 
     for y, c in zip(ys, comps):
         d = c.diff
         color = "grey" if d.holds(0.0) else ("tab:blue" if d.mean > 0 else "tab:red")
+        if c.across_tasks is not None:  # behind the pairs' interval: thin and light, usually wider
+            ax.plot(c.across_tasks, [y, y], color=color, alpha=0.35, linewidth=1, solid_capstyle="butt")
         ax.errorbar(
             d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=color, capsize=3, markersize=5
         )
         note = f"{d.mean:+.2f}, {d.n} pairs, {c.n_seeds} seed{'s' if c.n_seeds > 1 else ''}"
-        ax.annotate(note, (d.high, y), xytext=(6, -3), textcoords="offset points", fontsize=7, color="dimgrey")
+        right = max(d.high, c.across_tasks[1] if c.across_tasks else d.high)
+        ax.annotate(note, (right, y), xytext=(6, -3), textcoords="offset points", fontsize=7, color="dimgrey")
     for y, (a, b) in zip(ys, zip(comps, comps[1:])):
         if a.r != b.r:  # a rule between budgets
             ax.axhline(y - 0.5, color="lightgrey", linewidth=0.8)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(ys, [f"r={c.r}  {c.name}" for c in comps], fontsize=8)
     ax.set_xlabel("test accuracy minus MiMi's at the same budget (points; linear within ±2, log beyond)")
-    ax.set_title("Against MiMi, paired by (task, seed): right of 0 beats MiMi", fontsize=10)
+    ax.set_title(
+        "Against MiMi, paired by (task, seed): right of 0 beats MiMi\n"
+        "whiskers: pairs resampled; faint line: tasks resampled",
+        fontsize=9,
+    )
     ax.grid(True, axis="x", alpha=0.3)
     # linear within +-2 points, logarithmic beyond: one far-off method (AdaLoRA at -12) does not squeeze the rest
     ax.set_xscale("symlog", linthresh=2.0)
-    lo = min(c.diff.low for c in comps)
-    hi = max(c.diff.high for c in comps)
+    lo = min([c.diff.low for c in comps] + [c.across_tasks[0] for c in comps if c.across_tasks])
+    hi = max([c.diff.high for c in comps] + [c.across_tasks[1] for c in comps if c.across_tasks])
     ax.set_xlim(min(lo, -1.0) * 1.15, max(hi, 1.0) * 4 + 4)  # room for the notes on the right
     ticks = [t for t in (-20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20) if lo * 1.15 <= t <= max(hi, 1.0) * 4 + 4]
     ax.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
@@ -412,16 +431,16 @@ def ablation_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
             row.append(f"{statistics.mean(mine[p] for p in pairs):.2f}" if pairs else "–")
             c = None if name == "mimi" else _compare(rr, name, mine, ref, seed)
             if c is None:
-                rows.append(row + ["–"] * 5)
+                rows.append(row + ["–"] * 6)
                 continue
-            d = c.diff
-            interval = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "–"
             mimi_mean = statistics.mean(ref[p] for p in pairs)
-            rows.append(row + [f"{mimi_mean:.2f}", f"{d.mean:+.2f}", interval, f"{c.above}/{c.below}", c.verdict])
+            row += [f"{mimi_mean:.2f}", f"{c.diff.mean:+.2f}", _interval(c), _across(c)]
+            rows.append(row + [f"{c.above}/{c.below}", c.verdict])
     if not rows:
         return []
     header = ["budget r", "score", "params (no head)", "pairs (seeds)", "mean test acc", "mimi, same pairs"]
-    return [header + ["score − mimi", "95% bootstrap interval", "tasks above/below", "verdict"]] + rows
+    header += ["score − mimi", "95% bootstrap interval", "tasks resampled", "tasks above/below", "verdict"]
+    return [header] + rows
 
 
 def _md(rows: list[list[str]]) -> str:
@@ -603,7 +622,10 @@ def write_report(
             "Each method minus MiMi (test accuracy, points) at the same budget r, over the (task, seed) pairs "
             "both ran (a task with more seeds weighs more): the mean difference, its 95% percentile bootstrap "
             "interval (10,000 resamples of the pairs, fixed seed), and the tasks where the method's mean over "
-            "those seeds is above / below MiMi's. An interval holding 0 is not separable at that many seeds.",
+            "those seeds is above / below MiMi's. An interval holding 0 is not separable at that many seeds. "
+            "The pairs' interval treats a task's seeds as independent of each other; *tasks resampled* is the "
+            "two-stage bootstrap (tasks with replacement, then each drawn task's seeds), the wider interval to "
+            "read when asking whether the gap carries over to another task.",
             "",
             _md(ptable),
             "",

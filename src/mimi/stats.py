@@ -1,4 +1,5 @@
-"""Statistics over seeds for the benchmark report: mean with its standard error, and a paired bootstrap interval.
+"""Statistics over seeds for the benchmark report: mean with its standard error, a paired bootstrap interval,
+and a two-stage (tasks, then seeds within a task) bootstrap interval for when the pairs are not independent.
 
 Numpy only, so the report does not pull in scipy for two formulas.
 """
@@ -100,6 +101,53 @@ def bootstrap_mean_interval(
     # Any resample's mean lies within [min, max]; clipping only removes rounding noise, so identical
     # values give exactly their value as the interval.
     lo, hi = np.clip([low, high], arr.min(), arr.max())
+    return float(lo), float(hi)
+
+
+def clustered_bootstrap_interval(
+    groups: Sequence[Sequence[float]], *, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Two-stage percentile bootstrap interval of the mean of all values: resample the groups with replacement,
+    then each drawn group's own values with replacement, and take the quantiles of the pooled means.
+
+    Values in one group (the seeds of one task) share that group's effect, so resampling them as if independent
+    understates the uncertainty about a new group (another task). With one value per group this is the plain
+    bootstrap of ``bootstrap_mean_interval``; with a single group it is the plain bootstrap of that group.
+
+    Args:
+        groups: One or more non-empty groups of numbers (e.g. one task's paired differences over seeds).
+        confidence: Coverage of the interval, in (0, 1).
+        resamples: Number of bootstrap resamples.
+        seed: Seed of the numpy generator (fixed: the same groups always give the same interval).
+
+    Returns:
+        ``(low, high)``.
+
+    Raises:
+        ValueError: If there are no groups, a group is empty, or ``confidence`` is not in (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    arrays = [_as_array(g) for g in groups]
+    if not arrays:
+        raise ValueError("expected one or more groups, got none")
+    sizes = np.array([a.size for a in arrays])
+    table = np.zeros((len(arrays), sizes.max()))  # groups padded to the longest; the padding is never drawn
+    for i, a in enumerate(arrays):
+        table[i, : a.size] = a
+    rng = np.random.default_rng(seed)
+    picked = rng.integers(0, len(arrays), size=(resamples, len(arrays)))  # stage 1: which groups
+    n = sizes[picked]  # (resamples, groups): each drawn group's size
+    # stage 2: as many draws from each drawn group as it has values; slots past its size are masked off
+    slot = np.arange(sizes.max())
+    draws = (rng.random((resamples, len(arrays), sizes.max())) * n[..., None]).astype(np.int64)
+    used = slot < n[..., None]
+    values = table[picked[..., None], draws] * used
+    means = values.sum(axis=(1, 2)) / used.sum(axis=(1, 2))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    everything = np.concatenate(arrays)
+    lo, hi = np.clip([low, high], everything.min(), everything.max())  # rounding noise only, as above
     return float(lo), float(hi)
 
 
