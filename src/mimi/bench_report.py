@@ -372,23 +372,32 @@ def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) 
     for y, c in zip(ys, comps):
         d = c.diff
         color = "grey" if d.holds(0.0) else ("tab:blue" if d.mean > 0 else "tab:red")
-        if c.across_tasks is not None:  # behind the pairs' interval: thin and light, usually wider
-            ax.plot(c.across_tasks, [y, y], color=color, alpha=0.35, linewidth=1, solid_capstyle="butt")
+        if c.across_tasks is not None:  # a pale band behind the pairs' interval, usually wider
+            ax.plot(c.across_tasks, [y, y], color=color, alpha=0.2, linewidth=8, solid_capstyle="butt")
         ax.errorbar(
             d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=color, capsize=3, markersize=5
         )
         note = f"{d.mean:+.2f}, {d.n} pairs, {c.n_seeds} seed{'s' if c.n_seeds > 1 else ''}"
         right = max(d.high, c.across_tasks[1] if c.across_tasks else d.high)
-        ax.annotate(note, (right, y), xytext=(6, -3), textcoords="offset points", fontsize=7, color="dimgrey")
+        ax.annotate(
+            note,
+            (right, y),
+            xytext=(6, -3),
+            textcoords="offset points",
+            fontsize=7,
+            color="dimgrey",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.85},  # over the 0 line
+            zorder=3,
+        )
     for y, (a, b) in zip(ys, zip(comps, comps[1:])):
         if a.r != b.r:  # a rule between budgets
             ax.axhline(y - 0.5, color="lightgrey", linewidth=0.8)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(ys, [f"r={c.r}  {c.name}" for c in comps], fontsize=8)
-    ax.set_xlabel("test accuracy minus MiMi's at the same budget (points; linear within ±2, log beyond)")
+    ax.set_xlabel("test accuracy minus MiMi's, same budget (points; linear in ±2, log beyond)", fontsize=9)
     ax.set_title(
         "Against MiMi, paired by (task, seed): right of 0 beats MiMi\n"
-        "whiskers: pairs resampled; faint line: tasks resampled",
+        "whiskers: 95% interval, pairs resampled; pale band: tasks resampled",
         fontsize=9,
     )
     ax.grid(True, axis="x", alpha=0.3)
