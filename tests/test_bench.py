@@ -1,6 +1,9 @@
 """`mimi bench` on a tiny spec runs every method; `mimi report` renders tables and plots from the JSONs alone."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 from vtab_fixture import write_vtab_task
@@ -233,3 +236,31 @@ def test_dry_run_estimates_from_finished_runs_of_the_same_kind(tmp_path, capsys)
     guess = estimate_seconds(todo, results)
     # same label and budget: median of 100/300/200; another budget: median over the label (50, 100, 200, 300)
     assert guess == {todo[0].id: 200.0, todo[1].id: 150.0}
+
+
+def test_dry_run_shows_runs_held_by_live_workers(tmp_path, capsys):
+    import os
+    import platform
+
+    root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
+    spec_path = _spec(tmp_path, root, [{"label": "linear", "method": "linear"}])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["seeds"], spec["groups"] = [0, 1, 2, 3], {"natural": ["vtab1k:toy"]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    results = Path(spec["results"])
+    (results / ".claims").mkdir(parents=True)
+    done = {"id": "toy__linear__s0", "status": "ok", "label": "linear", "grid": {}, "wall_seconds": 600.0}
+    (results / "toy__linear__s0.json").write_text(json.dumps(done))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: its claim is stale
+    claims = {"s1": f"{platform.node()} {os.getpid()}", "s2": f"{platform.node()} {dead.pid}", "s3": "elsewhere 1"}
+    for seed, holder in claims.items():
+        (results / ".claims" / f"toy__linear__{seed}.claim").write_text(holder)
+    assert main(["bench", str(spec_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"running toy__linear__s1  ({platform.node()} {os.getpid()}, 0 min so far of ~10 min)" in out
+    assert "todo toy__linear__s2  (~10 min)" in out  # its worker died: up for grabs
+    assert "running toy__linear__s3  (elsewhere 1," in out  # another host's claim is respected
+    # 3 left, 2 of them running for ~0 s of their 600 s guess: 1800 s = 0.5 h
+    assert "3 to do (2 running): ~0.5 h of one worker" in out
+    assert (results / ".claims" / "toy__linear__s2.claim").exists()  # a dry run takes nothing over

@@ -240,6 +240,19 @@ def _stale(path: Path) -> bool:
     return False
 
 
+def claimed(results: Path, run_id: str) -> tuple[str, float] | None:
+    """Who holds ``run_id`` now and for how many seconds: ``("host pid", seconds)``, or None when nobody does
+    (no claim, or one left by a dead process of this host)."""
+    path = results / ".claims" / f"{run_id}.claim"
+    try:
+        holder, since = path.read_text().strip(), path.stat().st_mtime
+    except OSError:
+        return None
+    if not holder or _stale(path):
+        return None
+    return holder, max(0.0, time.time() - since)
+
+
 def release(results: Path, run_id: str) -> None:
     (results / ".claims" / f"{run_id}.claim").unlink(missing_ok=True)
 
@@ -334,14 +347,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         todo = [r for r in runs if r.id not in done]
         guess = estimate_seconds(todo, results)
+        left = dict(guess)  # seconds still to go: a running run has spent some of its guess
+        running = 0
         for run in todo:
             eta = f"~{guess[run.id] / 60:.0f} min" if run.id in guess else "? min"
-            print(f"  todo {run.id}  ({eta})")
+            held = claimed(results, run.id)
+            if held is None:
+                print(f"  todo {run.id}  ({eta})")
+                continue
+            running += 1
+            if run.id in left:
+                left[run.id] = max(0.0, left[run.id] - held[1])
+            print(f"  running {run.id}  ({held[0]}, {held[1] / 60:.0f} min so far of {eta})")
         if todo:
-            known = sum(guess.values()) / 3600
-            print(
-                f"{len(todo)} to do: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind"
-            )
+            known = sum(left.values()) / 3600
+            what = f"{len(todo)} to do ({running} running)" if running else f"{len(todo)} to do"
+            print(f"{what}: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind")
             if len(guess) < len(todo):
                 print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
         return 0
