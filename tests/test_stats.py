@@ -162,7 +162,7 @@ def test_report_shows_mean_se_over_seeds_and_paired_differences(tmp_path):
     assert (tmp_path / "report" / "paired_vs_mimi.png").stat().st_size > 1000
 
 
-def test_pairing_against_another_method(tmp_path):
+def test_pairing_against_another_method(tmp_path, capsys):
     recs = _write_runs(tmp_path / "results")
     rows = paired_table(recs, against="adapter")
     assert rows[0][3] == "method − adapter"
@@ -172,6 +172,13 @@ def test_pairing_against_another_method(tmp_path):
     mimi_row = ["4", "mimi", "6 (3)", "-0.50", "[-1.17, +0.17]", "[-1.50, +0.50]", "1/1", "not separable at 3 seeds"]
     assert rows[2] == mimi_row
     assert len(paired_table(recs, against="nobody")) == 1  # the header alone
+    # from the command line a label no run has is a typo: one line naming the labels there, nothing written
+    assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "typo"), "--against", "adaptor"]) == 2
+    assert (
+        "'adaptor': no finished run has that label; the labels here: adapter, bitfit, lora, mimi"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "typo").exists()
     assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "r"), "--against", "adapter"]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## Against adapter at the same budget, paired by seed" in md and "| 4 | lora | 6 (3) | +1.50 |" in md

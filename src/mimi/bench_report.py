@@ -583,6 +583,10 @@ def write_report(
             "`results:` names (e.g. benchmarks/results/minivtab)"
         )
     ok = [r for r in recs if r["status"] == "ok"]
+    labels = sorted({r.get("label", "?") for r in ok})
+    for a in against:  # a typo would silently give an empty section: refuse it before anything is written
+        if a not in labels:
+            raise ConfigError(f"--against {a!r}: no finished run has that label; the labels here: {', '.join(labels)}")
     failed = [r for r in recs if r["status"] != "ok"]
     groups = _groups(recs)
     agg = aggregate(ok)
