@@ -240,3 +240,31 @@ def test_report_merges_results_folders_once_each_and_warns_on_disagreement(tmp_p
     assert "differs between" in caplog.text and caplog.text.count("differs between") == 1
     path = write_report([a, b], out=tmp_path / "merged")
     assert path.is_file() and "3 runs ok" in path.read_text()
+
+
+def test_role_table_and_rank_map_of_mimi_lora(tmp_path):
+    from mimi.bench_report import plot_mimi_sizes, role_table
+
+    layout = [
+        {"name": f"blocks.{b}.attn.{role}.adapter", "role": f"attn.{role}"} for b in (0, 1) for role in ("qkv", "proj")
+    ]
+
+    def run(task, seed, sizes, **cfg):
+        final = {"cycle": 2, "test_acc": 0.8, "adapter_params": 1000, "trainable_params": 1010, "sizes": sizes}
+        rec = _rec(task, "mimi-lora", "mimi-lora", seed, 0.8, size=1000, cycles=[final], budget_dim=4, **cfg)
+        return {**rec, "layout": layout}
+
+    recs = [
+        run("a", 0, {"blocks.0.attn.proj.adapter": 3, "blocks.1.attn.proj.adapter": 1}),  # both qkv removed
+        run("b", 0, {"blocks.0.attn.qkv.adapter": 2, "blocks.0.attn.proj.adapter": 2, "blocks.1.attn.proj.adapter": 4}),
+        run("b", 1, {"blocks.0.attn.qkv.adapter": 16}, score="random"),  # an ablation run: left out
+    ]
+    # proj: (3 + 1 + 2 + 4) / 2 runs = 5.0; qkv: (0 + 2) / 2 = 1.0; total 6.0, shares 83% and 17%
+    assert role_table(recs, "mimi-lora") == [
+        ["budget r", "runs", "attn.proj", "attn.qkv", "total"],
+        ["4", "2", "5.0 (83%)", "1.0 (17%)", "6.0"],
+    ]
+    assert role_table(recs, "mimi") == []
+    path = plot_mimi_sizes(recs, tmp_path / "ranks.png", method="mimi-lora")
+    assert path.stat().st_size > 1000
+    assert plot_mimi_sizes(recs, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -537,9 +537,11 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
     return path
 
 
-def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
-    """Final hidden size of every adapter found by MiMi, per task (one column each)."""
-    mimi = [r for r in recs if r["status"] == "ok" and r.get("method", "").startswith("mimi") and r.get("layout")]
+def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path | None:
+    """Final size of every pruned unit found by ``method`` (MiMi's adapter hidden sizes, or `mimi-lora`'s
+    ranks), per task (one column each)."""
+    what = "LoRA ranks" if method == "mimi-lora" else "adapter sizes"
+    mimi = [r for r in recs if r["status"] == "ok" and r.get("method") == method and r.get("layout")]
     if not mimi:
         return None
     # one run per task: the smallest budget of the first label, first seed
@@ -559,10 +561,37 @@ def plot_mimi_sizes(recs: list[dict], path: Path) -> Path | None:
         xlabel="task",
         col_width=0.8,
         rotate=True,
-        title=f"adapter sizes found by {variant(runs[0])}"
-        if same
-        else "adapter sizes found by MiMi, smallest budget per task",
+        unit="rank" if method == "mimi-lora" else "hidden size",
+        title=f"{what} found by {variant(runs[0])}" if same else f"{what} found by {method}, smallest budget per task",
     )
+
+
+def role_table(ok: list[dict], method: str) -> list[list[str]]:
+    """Where ``method``'s pruning leaves its units (hidden neurons, or LoRA ranks), per budget: the mean over
+    runs of the units kept in each role (``attn.qkv``, ``mlp.fc1``, ...; summed over blocks) and their share.
+    Runs with the default ``mimi`` score only, so that ablation runs do not mix in."""
+    by_r: dict[int, list[dict]] = defaultdict(list)
+    for r in ok:
+        cfg = r.get("config", {})
+        if r.get("method") == method and r.get("layout") and cfg.get("score", "mimi") == "mimi" and size_r(r):
+            by_r[size_r(r)].append(r)
+    if not by_r:
+        return []
+    roles = sorted({a["role"] for rs in by_r.values() for r in rs for a in r["layout"]})
+    rows = [["budget r", "runs"] + roles + ["total"]]
+    for rr in sorted(by_r, reverse=True):
+        kept: dict[str, list[int]] = defaultdict(list)
+        for r in by_r[rr]:
+            role_of = {a["name"]: a["role"] for a in r["layout"]}
+            sizes = r["cycles"][-1]["sizes"]
+            for role in roles:
+                kept[role].append(sum(v for k, v in sizes.items() if role_of.get(k) == role))
+        means = {role: statistics.mean(kept[role]) for role in roles}
+        total = sum(means.values())
+        share = {role: 100 * m / total if total else 0.0 for role, m in means.items()}
+        cells = [f"{means[role]:.1f} ({share[role]:.0f}%)" for role in roles]
+        rows.append([str(rr), str(len(by_r[rr]))] + cells + [f"{total:.1f}"])
+    return rows
 
 
 def write_report(
@@ -595,6 +624,8 @@ def write_report(
         for t in ts:
             plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
     sizes = plot_mimi_sizes(ok, out / "mimi_sizes.png")
+    ranks = plot_mimi_sizes(ok, out / "mimi_lora_ranks.png", method="mimi-lora")
+    roles = {m: role_table(ok, m) for m in ("mimi", "mimi-lora")}
     forest = plot_paired(ok, out / "paired_vs_mimi.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
     btable, ptable, atable = budget_table(ok), paired_table(ok), ablation_table(ok)
@@ -664,6 +695,20 @@ def write_report(
     ] + [f"![{p.stem}]({p.name})" for p in plots]
     if sizes:
         lines += ["", "## Hidden sizes found by MiMi", "", f"![mimi sizes]({sizes.name})"]
+    if ranks:
+        lines += ["", "## LoRA ranks found by `mimi-lora`", "", f"![mimi-lora ranks]({ranks.name})"]
+    if any(roles.values()):
+        lines += [
+            "",
+            "## Where the pruning leaves its units",
+            "",
+            "Units kept at the end (hidden neurons of MiMi's adapters, rank-1 components of `mimi-lora`), summed "
+            "over blocks per role and averaged over runs (tasks and seeds; default score only), with each role's "
+            "share. One unit costs a role's in + out features, so a share of units is not a share of parameters.",
+        ]
+        for m, rows in roles.items():
+            if rows:
+                lines += ["", f"`{m}`:", "", _md(rows)]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['id']}`: {r.get('error', '?')}" for r in failed]
     md = atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -674,10 +719,11 @@ def write_report(
         + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
         + "".join(f"<h2>Against {html.escape(a)}, paired by seed</h2>{_html(rows)}" for a, rows in extra.items())
         + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
+        + "".join(f"<h2>Where {m} leaves its units</h2>{_html(rows)}" for m, rows in roles.items() if rows)
         + "<h2>Plots</h2>"
         + "".join(
             f'<img src="{p.name}" style="max-width:48%">'
-            for p in ([forest] if forest else []) + plots + ([sizes] if sizes else [])
+            for p in ([forest] if forest else []) + plots + [x for x in (sizes, ranks) if x]
         )
     )
     style = "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>"

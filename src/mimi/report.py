@@ -90,8 +90,10 @@ def save_size_grid(
     xlabel: str,
     col_width: float = 0.55,
     rotate: bool = False,
+    unit: str = "hidden size",
 ) -> Path:
-    """Heat map of hidden sizes (rows: adapter slots, columns: cycles or tasks), removed adapters marked x."""
+    """Heat map of hidden sizes, or of LoRA ranks with ``unit="rank"`` (rows: adapter slots, columns: cycles or
+    tasks), removed adapters marked x."""
     fig, ax = plt.subplots(figsize=(1.5 + col_width * len(cols), 1.2 + 0.22 * len(rows)), dpi=120)
     im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(cols)), cols, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=7)
@@ -103,7 +105,7 @@ def save_size_grid(
         # dark text on the bright (large) end of viridis, white on the dark end, red x where removed
         color = "red" if v == 0 else ("black" if v > 0.6 * top else "white")
         ax.text(j, i, "x" if v == 0 else f"{int(v)}", ha="center", va="center", fontsize=5, color=color)
-    fig.colorbar(im, ax=ax, label="hidden size (x: removed)")
+    fig.colorbar(im, ax=ax, label=f"{unit} (x: removed)")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
