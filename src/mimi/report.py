@@ -113,9 +113,12 @@ def save_size_grid(
     return path
 
 
-def plot_sizes_heatmap(summary: list[dict], layout: list[dict], path: Path, title: str = "") -> Path:
+def plot_sizes_heatmap(
+    summary: list[dict], layout: list[dict], path: Path, title: str = "", unit: str = "hidden size"
+) -> Path:
     grid, rows, cols = _block_grid(summary, layout)
-    return save_size_grid(grid, rows, cols, path, title=title or "adapter hidden sizes per cycle", xlabel="cycle")
+    title = title or ("LoRA ranks per cycle" if unit == "rank" else "adapter hidden sizes per cycle")
+    return save_size_grid(grid, rows, cols, path, title=title, xlabel="cycle", unit=unit)
 
 
 def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Path:
@@ -125,7 +128,8 @@ def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Pa
     title = f"{info.get('data', '')} · {info.get('model', '')}"
     plot_accuracy_vs_params(summary, out / "plots" / "accuracy_vs_params.png", title)
     if layout:
-        plot_sizes_heatmap(summary, layout, out / "plots" / "sizes_heatmap.png", title)
+        unit = "rank" if info.get("method") == "mimi-lora" else "hidden size"
+        plot_sizes_heatmap(summary, layout, out / "plots" / "sizes_heatmap.png", title, unit=unit)
     final = summary[-1]
     lines = [
         f"# {title}",

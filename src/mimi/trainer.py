@@ -203,6 +203,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None, device: 
     model.to(device)
     info = {
         "model": cfg.model,
+        "method": cfg.method,
         "weights_source": source,
         "img_size": img_size,
         "mean": mean,
