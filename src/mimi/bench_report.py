@@ -540,7 +540,7 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
 def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path | None:
     """Final size of every pruned unit found by ``method`` (MiMi's adapter hidden sizes, or `mimi-lora`'s
     ranks), per task (one column each)."""
-    what = "LoRA ranks" if method == "mimi-lora" else "adapter sizes"
+    unit, what = ("rank", "LoRA ranks") if method == "mimi-lora" else ("hidden size", "adapter sizes")
     mimi = [r for r in recs if r["status"] == "ok" and r.get("method") == method and r.get("layout")]
     if not mimi:
         return None
@@ -561,7 +561,7 @@ def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path 
         xlabel="task",
         col_width=0.8,
         rotate=True,
-        unit="rank" if method == "mimi-lora" else "hidden size",
+        unit=unit,
         title=f"{what} found by {variant(runs[0])}" if same else f"{what} found by {method}, smallest budget per task",
     )
 

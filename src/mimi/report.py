@@ -117,7 +117,7 @@ def plot_sizes_heatmap(
     summary: list[dict], layout: list[dict], path: Path, title: str = "", unit: str = "hidden size"
 ) -> Path:
     grid, rows, cols = _block_grid(summary, layout)
-    title = title or ("LoRA ranks per cycle" if unit == "rank" else "adapter hidden sizes per cycle")
+    title = title or f"{unit} per adapter and cycle"
     return save_size_grid(grid, rows, cols, path, title=title, xlabel="cycle", unit=unit)
 
 
