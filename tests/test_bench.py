@@ -1,8 +1,10 @@
 """`mimi bench` on a tiny spec runs every method; `mimi report` renders tables and plots from the JSONs alone."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -264,3 +266,52 @@ def test_dry_run_shows_runs_held_by_live_workers(tmp_path, capsys):
     # 3 left, 2 of them running for ~0 s of their 600 s guess: 1800 s = 0.5 h
     assert "3 to do (2 running): ~0.5 h of one worker" in out
     assert (results / ".claims" / "toy__linear__s2.claim").exists()  # a dry run takes nothing over
+
+
+def _claim_after(barrier, results, run_id, won):
+    from mimi.bench import claim
+
+    barrier.wait()
+    if claim(Path(results), run_id):
+        won.put(os.getpid())
+        time.sleep(1.0)  # hold it while the others try
+
+
+def test_only_one_of_many_workers_takes_over_a_stale_claim(tmp_path):
+    import multiprocessing as mp
+    import platform
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".claims").mkdir()
+    stale = tmp_path / ".claims" / "toy__linear__s0.claim"
+    ctx = mp.get_context("fork")
+    for _ in range(5):  # the race is a matter of timing: give it several chances
+        stale.write_text(f"{platform.node()} {dead.pid}")
+        barrier, won = ctx.Barrier(6), ctx.Queue()
+        procs = [
+            ctx.Process(target=_claim_after, args=(barrier, str(tmp_path), "toy__linear__s0", won)) for _ in range(6)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        winners = [won.get(timeout=5) for _ in range(won.qsize())] if not won.empty() else []
+        assert len(winners) == 1, winners
+        assert stale.read_text() == f"{platform.node()} {winners[0]}"
+
+
+def test_a_released_claim_is_free_and_another_workers_claim_is_left_alone(tmp_path):
+    import platform
+
+    from mimi.bench import claim, claimed, release
+
+    assert claim(tmp_path, "a")
+    assert claimed(tmp_path, "a")[0] == f"{platform.node()} {os.getpid()}"
+    assert not claim(tmp_path, "a")  # held: a second claim fails, even from this process (flock is per open file)
+    release(tmp_path, "a")
+    assert claimed(tmp_path, "a") is None and not (tmp_path / ".claims" / "a.claim").exists()
+    (tmp_path / ".claims" / "b.claim").write_text("elsewhere 7")
+    assert not claim(tmp_path, "b")  # another host's claim is respected
+    release(tmp_path, "b")  # not ours: left in place
+    assert (tmp_path / ".claims" / "b.claim").read_text() == "elsewhere 7"

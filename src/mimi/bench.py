@@ -22,6 +22,7 @@ can be changed while workers run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import os
@@ -200,44 +201,70 @@ def run_one(run: BenchRun, results: Path, *, log=print) -> dict[str, Any]:
     return record
 
 
-def claim(results: Path, run_id: str) -> bool:
-    """Atomically take ``run_id`` for this process (a file created with O_EXCL); False if another live worker has it.
+_held: dict[str, int] = {}  # run id -> the open, flock-ed descriptor of its claim file, while this process runs it
 
-    A claim left by a dead process of this host is taken over; one from another host is respected (delete
-    ``RESULTS/.claims`` by hand after a crash there).
+
+def claim(results: Path, run_id: str) -> bool:
+    """Take ``run_id`` for this process; False if another live worker has it.
+
+    The claim is a file naming ``host pid`` on which this process holds an exclusive ``flock`` until
+    :func:`release`, so two workers taking over the same stale claim at once cannot both win (the kernel drops
+    a dead worker's lock). A claim left by a dead process of this host is taken over; one from another host is
+    respected (delete ``RESULTS/.claims`` by hand after a crash there).
     """
     folder = results / ".claims"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{run_id}.claim"
     me = f"{platform.node()} {os.getpid()}"
-    for _ in range(2):
+    for _ in range(3):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _stale(path):
-                return False
-            path.unlink(missing_ok=True)  # its worker died: take the run over
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # a live worker holds it
+        try:
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                os.close(fd)  # released (unlinked) between our open and our lock: look again
+                continue
+        except FileNotFoundError:
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if holder and holder != me and not _stale_holder(holder):
+            os.close(fd)
+            return False  # another host's claim, or a live worker of an older version that takes no lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        os.utime(fd)  # "N min so far" counts from now
+        _held[run_id] = fd
         return True
     return False
 
 
-def _stale(path: Path) -> bool:
+def _stale_holder(holder: str) -> bool:
+    """True when ``holder`` ("host pid") names a process of this host that no longer runs."""
     try:
-        host, pid = path.read_text().split()
-    except (OSError, ValueError):
-        return False  # being written right now
+        host, pid = holder.split()
+    except ValueError:
+        return False
     if host != platform.node():
         return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
+    except (PermissionError, ValueError):
         return False
     return False
+
+
+def _stale(path: Path) -> bool:
+    try:
+        holder = path.read_text().strip()
+    except OSError:
+        return False
+    return bool(holder) and _stale_holder(holder)
 
 
 def claimed(results: Path, run_id: str) -> tuple[str, float] | None:
@@ -254,7 +281,13 @@ def claimed(results: Path, run_id: str) -> tuple[str, float] | None:
 
 
 def release(results: Path, run_id: str) -> None:
+    """Drop this process's claim on ``run_id``: the file goes first, then the lock (a worker that opened the old
+    file meanwhile sees it unlinked and looks again)."""
+    fd = _held.pop(run_id, None)
+    if fd is None:
+        return  # never ours: leave another worker's claim alone
     (results / ".claims" / f"{run_id}.claim").unlink(missing_ok=True)
+    os.close(fd)
 
 
 def _shard(text: str) -> tuple[int, int]:
