@@ -265,6 +265,7 @@ def test_dry_run_shows_runs_held_by_live_workers(tmp_path, capsys):
     assert "running toy__linear__s3  (elsewhere 1," in out  # another host's claim is respected
     # 3 left, 2 of them running for ~0 s of their 600 s guess: 1800 s = 0.5 h
     assert "3 to do (2 running): ~0.5 h of one worker" in out
+    assert "~0.2 h of wall if the 2 workers holding runs now go on" in out  # 0.25 h: two holders share it
     assert (results / ".claims" / "toy__linear__s2.claim").exists()  # a dry run takes nothing over
 
 

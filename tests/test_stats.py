@@ -268,3 +268,17 @@ def test_role_table_and_rank_map_of_mimi_lora(tmp_path):
     path = plot_mimi_sizes(recs, tmp_path / "ranks.png", method="mimi-lora")
     assert path.stat().st_size > 1000
     assert plot_mimi_sizes(recs, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_verdict_says_when_a_gap_does_not_hold_with_tasks_resampled():
+    from mimi.bench_report import Comparison
+    from mimi.stats import PairedDiff
+
+    def comp(across):
+        return Comparison(3, "lora", PairedDiff(-0.9, -1.7, -0.2, 21), 3, 1, 6, across_tasks=across)
+
+    assert comp((-2.0, -0.1)).verdict == "mimi ahead"  # both intervals exclude 0
+    assert comp((-2.1, 0.03)).verdict == "mimi ahead on these tasks; not with tasks resampled"
+    assert comp(None).verdict == "mimi ahead"  # one task: no second interval
+    level = Comparison(3, "lora", PairedDiff(0.1, -0.4, 0.5, 21), 3, 3, 4, across_tasks=(-0.6, 0.7))
+    assert level.verdict == "not separable at 3 seeds"

@@ -381,7 +381,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         todo = [r for r in runs if r.id not in done]
         guess = estimate_seconds(todo, results)
         left = dict(guess)  # seconds still to go: a running run has spent some of its guess
-        running = 0
+        running, holders = 0, set()
         for run in todo:
             eta = f"~{guess[run.id] / 60:.0f} min" if run.id in guess else "? min"
             held = claimed(results, run.id)
@@ -389,6 +389,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"  todo {run.id}  ({eta})")
                 continue
             running += 1
+            holders.add(held[0])
             if run.id in left:
                 left[run.id] = max(0.0, left[run.id] - held[1])
             print(f"  running {run.id}  ({held[0]}, {held[1] / 60:.0f} min so far of {eta})")
@@ -396,6 +397,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             known = sum(left.values()) / 3600
             what = f"{len(todo)} to do ({running} running)" if running else f"{len(todo)} to do"
             print(f"{what}: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind")
+            if len(holders) > 1:
+                print(f"  ~{known / len(holders):.1f} h of wall if the {len(holders)} workers holding runs now go on")
             if len(guess) < len(todo):
                 print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
         return 0

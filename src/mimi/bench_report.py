@@ -291,7 +291,12 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        return _verdict(self.diff, self.n_seeds, self.name, self.ref)
+        v = _verdict(self.diff, self.n_seeds, self.name, self.ref)
+        if self.diff.n >= 2 and not self.diff.holds(0.0) and self.across_tasks is not None:
+            lo, hi = self.across_tasks
+            if lo <= 0.0 <= hi:  # separable over these tasks' seeds, not once the tasks themselves are resampled
+                v += " on these tasks; not with tasks resampled"
+        return v
 
 
 def _compare(
