@@ -266,14 +266,6 @@ def _by_pair(recs: list[dict]) -> dict[tuple[str, int], float]:
     return {k: statistics.mean(v) for k, v in accs.items()}
 
 
-def _verdict(d: PairedDiff, n_seeds: int, name: str, ref: str = "mimi") -> str:
-    if d.n < 2:  # one pair resamples to itself: no interval to judge by
-        return "one pair, no interval"
-    if d.holds(0.0):
-        return f"not separable at {n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    return f"{name} ahead" if d.mean > 0 else f"{ref} ahead"
-
-
 @dataclass(frozen=True)
 class Comparison:
     """One method minus a reference (MiMi unless said) at budget ``r``, paired by (task, seed)."""
@@ -291,11 +283,14 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        v = _verdict(self.diff, self.n_seeds, self.name, self.ref)
-        if self.diff.n >= 2 and not self.diff.holds(0.0) and self.across_tasks is not None:
-            lo, hi = self.across_tasks
-            if lo <= 0.0 <= hi:  # separable over these tasks' seeds, not once the tasks themselves are resampled
-                v += " on these tasks; not with tasks resampled"
+        d = self.diff
+        if d.n < 2:  # one pair resamples to itself: no interval to judge by
+            return "one pair, no interval"
+        if d.holds(0.0):
+            return f"not separable at {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}"
+        v = f"{self.name} ahead" if d.mean > 0 else f"{self.ref} ahead"
+        if self.across_tasks is not None and self.across_tasks[0] <= 0.0 <= self.across_tasks[1]:
+            v += " on these tasks; not with tasks resampled"  # the gap may not carry over to another task
         return v
 
 
