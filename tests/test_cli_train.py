@@ -227,3 +227,34 @@ def test_export_float16(finished_run, tmp_path, capsys):
     size = (tmp_path / "task.safetensors").stat().st_size
     assert size < 0.75 * (out / "adapters.safetensors").stat().st_size
     assert "float16" in capsys.readouterr().out
+
+
+def test_test_every_last_skips_only_the_intermediate_test_passes(tmp_path, finished_run, capsys):
+    """--test-every last changes nothing but which test passes run: same weights, same validation, the last
+    cycle's test; a skipped cycle's test is recovered from its saved adapters with `mimi eval`."""
+    root, full = finished_run
+    out = tmp_path / "last"
+    assert main(_args(root, out, f"{MIMI} --test-every last")) == 0
+    every, last = (json.loads((d / "summary.json").read_text()) for d in (full, out))
+    assert len(last) == len(every) >= 3
+    assert [e["val_acc"] for e in last] == [e["val_acc"] for e in every]
+    assert [e["test_acc"] for e in last[:-1]] == [None] * (len(last) - 1)
+    assert last[-1]["test_acc"] == every[-1]["test_acc"]
+    assert _same_tensors(full / "adapters.safetensors", out / "adapters.safetensors")
+    report = (out / "report.md").read_text()
+    assert f"**{100 * every[-1]['test_acc']:.2f}% test**" in report and "| — |" in report
+    assert main(["eval", str(out), "--weights", "cycles/cycle_1.safetensors", "--json", str(tmp_path / "c1.json")]) == 0
+    assert json.loads((tmp_path / "c1.json").read_text())["acc"] == pytest.approx(every[1]["test_acc"], abs=1e-9)
+    capsys.readouterr()
+    assert main(_args(root, tmp_path / "bad", f"{MIMI} --test-every sometimes")) == 2
+    assert "test_every must be cycle or last" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_test_every_last_still_tests_a_run_cut_by_max_cycles(tmp_path, finished_run):
+    root, _ = finished_run
+    out = tmp_path / "capped"
+    assert main(_args(root, out, f"{MIMI} --test-every last --max-cycles 1")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 2 and summary[-1]["adapter_params"] > BUDGET  # stopped above the budget
+    assert summary[0]["test_acc"] is None and summary[-1]["test_acc"] is not None

@@ -207,7 +207,7 @@ def _cycle_points(ok: list[dict], budget: int, slack: float) -> list[dict]:
         if not _is_mimi(r) or (r.get("budget") or 0) >= budget:
             continue
         for c in r.get("cycles", [])[1:-1]:
-            if (1 - slack) * budget <= c["adapter_params"] <= budget:
+            if c.get("test_acc") is not None and (1 - slack) * budget <= c["adapter_params"] <= budget:
                 head = r["params"].get("head") or 0
                 points.append(
                     {
@@ -521,9 +521,10 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
         for r in ok:
             if r["task"] == task and len(r.get("cycles", [])) > 1 and r.get("seed", 0) == 0:
                 head = r["params"]["head"] or 0
-                xs = [c["trainable_params"] - head for c in r["cycles"]]
+                cs = [c for c in r["cycles"] if c.get("test_acc") is not None]  # --test-every last: the end only
+                xs = [c["trainable_params"] - head for c in cs]
                 color = colors.get(line_key(r), "grey")
-                ax.plot(xs, [100 * c["test_acc"] for c in r["cycles"]], ":", color=color, alpha=0.5, linewidth=1)
+                ax.plot(xs, [100 * c["test_acc"] for c in cs], ":", color=color, alpha=0.5, linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters without head (log)")
     ax.set_ylabel("test top-1 accuracy (%)")

@@ -59,6 +59,10 @@ class TrainConfig:
     select: str = _f(
         "last", "weights kept at the end of each cycle: last (epoch) or best-val (best validation accuracy)"
     )
+    test_every: str = _f(
+        "cycle",
+        "test evaluation: after every cycle (the accuracy-vs-parameters curve) or only after the last (cycle | last)",
+    )
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
@@ -91,6 +95,7 @@ class TrainConfig:
             (self.img_size is None or self.img_size >= 1, "img_size must be >= 1"),
             (self.max_cycles >= 1, "max_cycles must be >= 1"),
             (self.select in ("last", "best-val"), "select must be last or best-val"),
+            (self.test_every in ("cycle", "last"), "test_every must be cycle or last"),
         ]
         for ok, msg in checks:
             if not ok:

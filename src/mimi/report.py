@@ -39,9 +39,14 @@ def cycle_table(summary: list[dict], layout: list[dict] | None = None) -> str:
         alive = f"{len(e['sizes'])}/{len(layout)}" if layout else str(len(e["sizes"]))
         rows.append(
             f"| {e['cycle']} | {e['adapter_params']:,} | {e['trainable_params']:,} | {e['pct_of_backbone']:.3f} | "
-            f"{100 * e['val_acc']:.2f} | {100 * e['test_acc']:.2f} | {alive} | {sizes_text(e['sizes'], layout or [])} |"
+            f"{100 * e['val_acc']:.2f} | {_pct(e['test_acc'])} | {alive} | {sizes_text(e['sizes'], layout or [])} |"
         )
     return "\n".join(rows)
+
+
+def _pct(acc: float | None) -> str:
+    """An accuracy in percent, or '—' for a split not evaluated (``--test-every last``)."""
+    return "—" if acc is None else f"{100 * acc:.2f}"
 
 
 def _block_grid(summary: list[dict], layout: list[dict]) -> tuple[np.ndarray, list[str], list[str]]:
@@ -57,13 +62,14 @@ def _block_grid(summary: list[dict], layout: list[dict]) -> tuple[np.ndarray, li
 
 def plot_accuracy_vs_params(summary: list[dict], path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    x = [e["trainable_params"] for e in summary]
     for key, label, style in (("val_acc", "validation", "o--"), ("test_acc", "test", "s-")):
-        ax.plot(x, [100 * e[key] for e in summary], style, label=label)
+        pts = [(e["trainable_params"], 100 * e[key]) for e in summary if e[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
     for e in summary:
         ax.annotate(
             f"c{e['cycle']}",
-            (e["trainable_params"], 100 * e["test_acc"]),
+            (e["trainable_params"], 100 * (e["val_acc"] if e["test_acc"] is None else e["test_acc"])),
             textcoords="offset points",
             xytext=(4, 4),
             fontsize=7,
@@ -138,7 +144,12 @@ def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Pa
         f"parameters) at {info.get('img_size')} px; {info.get('n_train')} train / {info.get('n_val')} val / "
         f"{info.get('n_test')} test images, {info.get('num_classes')} classes.",
         "",
-        f"Final (last cycle): **{100 * final['test_acc']:.2f}% test**, {100 * final['val_acc']:.2f}% validation, with "
+        (
+            f"Final (last cycle): **{100 * final['test_acc']:.2f}% test**, "
+            if final["test_acc"] is not None
+            else f"Cycle {final['cycle']} so far (test is evaluated after the last cycle only): "
+        )
+        + f"{100 * final['val_acc']:.2f}% validation, with "
         f"{final['trainable_params']:,} trained parameters ({final['pct_of_backbone']:.3f}% of the backbone).",
         "",
         cycle_table(summary, layout),

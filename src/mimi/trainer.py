@@ -397,7 +397,8 @@ class Trainer:
     def _finish_cycle(self, cycle: int, opt, sched, t0: float) -> None:
         # the last epoch's validation pass already scored these very weights, unless best-val swapped them in
         same = self.cfg.select == "last" and self.last_val is not None
-        val, test = self.last_val if same else self._eval("val"), self._eval("test")
+        val = self.last_val if same else self._eval("val")
+        test = self._eval("test") if self._tests(cycle) else {"acc": None, "loss": None}
         entry = {
             "cycle": cycle,
             **self._params(),
@@ -426,9 +427,17 @@ class Trainer:
         self._save_checkpoint(opt, sched.last_epoch)
         self.log(
             f"== cycle {cycle}: adapter params {entry['adapter_params']:,} | trainable {entry['trainable_params']:,} "
-            f"({entry['pct_of_backbone']:.3f}% of backbone) | val {entry['val_acc']:.4f} | test {entry['test_acc']:.4f}"
+            f"({entry['pct_of_backbone']:.3f}% of backbone) | val {entry['val_acc']:.4f} | test "
+            + (f"{test['acc']:.4f}" if test["acc"] is not None else "not evaluated (--test-every last)")
         )
         _plots(out, self.summary, self.run.info)
+
+    def _tests(self, cycle: int) -> bool:
+        """Whether the test split is evaluated after ``cycle``: every cycle, or with ``--test-every last`` only
+        the one after which the loop stops (budget met, no schedule, or the --max-cycles cap)."""
+        if self.cfg.test_every == "cycle" or self.pruner is None:
+            return True
+        return self.pruner.done(self.run.model) or cycle + 1 > self.cfg.max_cycles
 
     def _restore_best(self) -> None:
         """--select best-val: end the cycle with the weights of its best validation epoch."""
