@@ -11,9 +11,10 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from vtab_fixture import write_vtab_task
 
+from mimi.checkpoint import read_metadata
 from mimi.cli import main
 from mimi.trainer import load_run
 
@@ -146,3 +147,45 @@ def test_predict_bad_input_one_line_nothing_written(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mimi predict: error:"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_takes_the_backbone_the_task_files_record(runs, tmp_path, capsys):
+    """Without --backbone/--weights/--img-size, predict serves on the backbone, weight file and resolution the task
+    files record: the same predictions as with them spelled out. Files that disagree, or record nothing, fail."""
+    _, root, weights, out = runs
+    tasks = ["--task", f"m={out['mimi']}/adapters.safetensors", "--task", f"r={out['mimi-lora']}/adapters.safetensors"]
+    images = ["--images", str(root / "toy" / "images"), "--no-progress"]
+    explicit = ["--backbone", "test_vit", "--weights", str(weights), "--img-size", "32"]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["predict", *explicit, *tasks, *images, "--out", str(a)]) == 0
+    capsys.readouterr()
+    assert main(["predict", *tasks, *images, "--out", str(b)]) == 0
+    assert f"backbone test_vit (weights {weights}, 32 px), as the task files record" in capsys.readouterr().out
+    assert a.read_text() == b.read_text()
+
+    from mimi.deploy import AdapterBank, read_task_file, recorded_backbone
+
+    bank = AdapterBank.from_task_files({"m": out["mimi"] / "adapters.safetensors"}, device="cpu")
+    assert (bank.tasks, bank.img_size, bank.weights_source) == (["m"], 32, str(weights))
+
+    # a task file that records another backbone, and one that records none
+    f = read_task_file(out["mimi"] / "adapters.safetensors")
+    assert recorded_backbone([f]).model == "test_vit"
+    other = tmp_path / "other.safetensors"
+    tensors, meta = load_file(str(f.path)), read_metadata(f.path)
+    save_file(tensors, str(other), metadata={**meta, "model": "vit_tiny_patch16_224"})
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare), metadata={k: v for k, v in meta.items() if k != "model"})
+    for extra, says in (([f"o={other}"], "different backbones"), ([f"n={bare}"], "does not record its backbone")):
+        argv = [
+            "predict",
+            *tasks,
+            *sum((["--task", t] for t in extra), []),
+            *images,
+            "--out",
+            str(tmp_path / "c.jsonl"),
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "c.jsonl").exists()

@@ -29,7 +29,7 @@ from ..engine import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..methods.lora import LoRALinear
 from .routing import BankSite, Router
-from .taskfile import SERVABLE, TaskFile, read_task_file
+from .taskfile import SERVABLE, TaskFile, read_task_file, recorded_backbone
 
 
 def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
@@ -129,6 +129,26 @@ class AdapterBank:
         self._tasks: dict[str, _Task] = {}
         self.heads = nn.ModuleDict()
         self._next_key = 0
+
+    @classmethod
+    def from_task_files(
+        cls,
+        tasks: dict[str, str | Path],
+        *,
+        weights: str | None = None,
+        img_size: int | None = None,
+        device: str = "auto",
+    ) -> AdapterBank:
+        """A bank on the backbone the task files record (model, weight source, resolution), holding them all.
+
+        ``weights`` and ``img_size`` override what the files record. Raises :class:`ConfigError` when the files
+        record no backbone or different ones, and what :meth:`add` raises for a bad file.
+        """
+        rec = recorded_backbone([read_task_file(p) for p in tasks.values()])
+        bank = cls(rec.model, weights=weights or rec.weights, img_size=img_size or rec.img_size, device=device)
+        for name, path in tasks.items():
+            bank.add(name, path)
+        return bank
 
     # ------------------------------------------------------------------ tasks
 

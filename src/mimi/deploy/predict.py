@@ -30,9 +30,17 @@ def _task_arg(text: str) -> tuple[str, Path]:
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="timm model name the tasks were trained on")
-    p.add_argument("--weights", default="auto", help="backbone weights: auto, hub, none, imgfocus, or a file")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution the tasks were trained at")
+    p.add_argument(
+        "--backbone", default=None, help="timm model name the tasks were trained on (default: the one they record)"
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights: auto, hub, none, imgfocus, or a file (default: the source the tasks record)",
+    )
+    p.add_argument(
+        "--img-size", type=int, default=None, help="input resolution (default: the one the tasks were trained at)"
+    )
     p.add_argument(
         "--task", type=_task_arg, action="append", required=True, metavar="NAME=FILE", help="a task file (repeat)"
     )
@@ -108,6 +116,24 @@ def _write(out: Path, results: list[dict]) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
+def _serving_backbone(args: argparse.Namespace, files: list) -> tuple[str, str, int | None]:
+    """--backbone, --weights and --img-size, each defaulting to what the task files record about their backbone."""
+    from .taskfile import recorded_backbone
+
+    try:
+        rec = recorded_backbone(files)
+    except ConfigError:
+        if args.backbone is None:
+            raise
+        return args.backbone, args.weights or "auto", args.img_size
+    if args.backbone is not None and args.backbone != rec.model:  # another backbone: nothing recorded applies
+        return args.backbone, args.weights or "auto", args.img_size
+    backbone, weights, img_size = rec.model, args.weights or rec.weights, args.img_size or rec.img_size
+    if args.backbone is None:
+        print(f"backbone {backbone} (weights {weights}, {img_size or 'default'} px), as the task files record")
+    return backbone, weights, img_size
+
+
 @command("predict", "classify images with one or many task files on one shared backbone", _setup)
 def cmd_predict(args: argparse.Namespace) -> int:
     from .bank import AdapterBank
@@ -121,8 +147,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = [n for n, _ in args.task]
     if len(set(names)) != len(names):
         raise ConfigError(f"--task names must be unique, got {names}")
-    for _, path in args.task:
-        read_task_file(path)
+    files = [read_task_file(path) for _, path in args.task]
     if not args.images and args.task_of is None:
         raise ConfigError("give --images PATH... (files or folders), or --task-of CSV listing the images")
     images = list_images(args.images)
@@ -131,7 +156,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not jobs:
         raise DataError(f"no image files found under {[str(p) for p in args.images]}")
 
-    bank = AdapterBank(args.backbone, weights=args.weights, img_size=args.img_size, device=args.device)
+    backbone, weights, img_size = _serving_backbone(args, files)
+    bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
     for name, path in args.task:
         bank.add(name, path)
     results: list[dict] = []

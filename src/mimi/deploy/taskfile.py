@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterConfig
+from ..backbones import IMPORTERS
 from ..checkpoint import load_tensors, read_metadata
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 #: Methods whose tasks leave the backbone untouched (what a bank can serve).
 SERVABLE = ("mimi", "mimi-oneshot", "adapter", "adaptformer", "linear", "lora", "mimi-lora")
@@ -47,6 +48,8 @@ class TaskFile:
         stored_dtype: dtype of the stored tensors.
         adapter_params: parameters of the adapters or LoRA updates (head excluded).
         head_params: parameters of the head.
+        weights_source: where the backbone's weights came from when it was trained (``imgfocus``, ``hub``, a
+            file path, ``random-init``...), if recorded.
     """
 
     path: Path
@@ -68,6 +71,7 @@ class TaskFile:
     stored_dtype: str = "float32"
     adapter_params: int = 0
     head_params: int = 0
+    weights_source: str | None = None
 
     def __post_init__(self) -> None:
         groups = list(self.adapter_tensors.values()) + list(self.lora_tensors.values())
@@ -160,4 +164,45 @@ def read_task_file(path: str | Path) -> TaskFile:
         backbone_tensors=other,
         file_bytes=path.stat().st_size,
         stored_dtype=meta.get("stored_dtype", str(next(iter(tensors.values())).dtype).removeprefix("torch.")),
+        weights_source=meta.get("weights_source") or None,
     )
+
+
+@dataclass(frozen=True)
+class RecordedBackbone:
+    """The backbone a set of task files was trained on, as they record it: what a bank for them is built from.
+
+    Attributes:
+        model: timm model name.
+        weights: a weight source that rebuilds those weights here (``imgfocus``, ``hub``, an existing file), or
+            ``auto`` where the files do not record one that can be reused (random init, a file no longer there).
+        img_size: input resolution, or None where the files do not agree or do not record it.
+    """
+
+    model: str
+    weights: str
+    img_size: int | None
+
+
+def _reusable(source: str | None) -> bool:
+    return bool(source) and (source == "hub" or source in IMPORTERS or Path(source).expanduser().is_file())
+
+
+def recorded_backbone(files: list[TaskFile]) -> RecordedBackbone:
+    """The backbone ``files`` were trained on; raises :class:`ConfigError` unless they all record the same one."""
+    if not files:
+        raise ConfigError("no task files given")
+    unnamed = [str(f.path) for f in files if not f.model]
+    if unnamed:
+        raise ConfigError(f"{unnamed[0]} does not record its backbone; name it (--backbone MODEL)")
+    models = sorted({str(f.model) for f in files})
+    if len(models) > 1:
+        raise ConfigError(
+            f"the task files were trained on different backbones ({', '.join(models)}); serve each backbone's "
+            "tasks separately, or name one with --backbone"
+        )
+    sources = {f.weights_source for f in files}
+    source = sources.pop() if len(sources) == 1 else None
+    sizes = {f.img_size for f in files}
+    size = sizes.pop() if len(sizes) == 1 else None
+    return RecordedBackbone(models[0], source if source and _reusable(source) else "auto", size)
