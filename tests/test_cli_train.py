@@ -98,6 +98,9 @@ def test_info_shows_sizes_and_bytes(finished_run, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "bytes" in text and "adapters:" in text
+    assert text.splitlines()[1].startswith(
+        "trained: mimi on vtab1k:toy, backbone test_vit at 32 px, weights random-init"
+    )
     summary = json.loads((out / "summary.json").read_text())
     head = 64 * 3 + 3
     assert f"head: {head:,} parameters" in text

@@ -156,6 +156,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         sizes = {name: int(spec["rank"]) for name, spec in json.loads(meta["lora"]).items()}
     head = set(json.loads(meta.get("head", "[]")))
     print(f"{path}: {path.stat().st_size:,} bytes on disk")
+    if meta.get("model"):  # what it was trained on: what `mimi predict` serves it with by default
+        size = f" at {meta['img_size']} px" if meta.get("img_size") else ""
+        source = f", weights {meta['weights_source']}" if meta.get("weights_source") else ""
+        print(f"trained: {meta.get('method', '?')} on {meta.get('data', '?')}, backbone {meta['model']}{size}{source}")
     print(
         f"{'adapter' if 'lora' not in meta else 'LoRA layer':<40} {'hidden' if 'lora' not in meta else 'rank':>6} {'params':>9} {'bytes':>9}"
     )
