@@ -293,7 +293,7 @@ def _register_extra_commands() -> None:
     """Commands living in their own modules (demo, bench, report) register themselves on import."""
     import importlib
 
-    for module in ("mimi.demo", "mimi.bench", "mimi.deploy.predict"):
+    for module in ("mimi.demo", "mimi.bench", "mimi.deploy.predict", "mimi.deploy.serve"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

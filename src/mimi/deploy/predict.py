@@ -22,14 +22,15 @@ from ..io_utils import atomic_write_text
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def _task_arg(text: str) -> tuple[str, Path]:
+def task_arg(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--task takes NAME=FILE (e.g. digits=digits.safetensors), got {text!r}")
     return name, Path(path)
 
 
-def _setup(p: argparse.ArgumentParser) -> None:
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    """--backbone, --weights, --img-size: each defaults to what the task files record (see serving_backbone)."""
     p.add_argument(
         "--backbone", default=None, help="timm model name the tasks were trained on (default: the one they record)"
     )
@@ -41,8 +42,12 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--img-size", type=int, default=None, help="input resolution (default: the one the tasks were trained at)"
     )
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    add_backbone_args(p)
     p.add_argument(
-        "--task", type=_task_arg, action="append", required=True, metavar="NAME=FILE", help="a task file (repeat)"
+        "--task", type=task_arg, action="append", required=True, metavar="NAME=FILE", help="a task file (repeat)"
     )
     p.add_argument("--images", nargs="+", type=Path, default=[], metavar="PATH", help="image files or folders")
     p.add_argument("--task-of", type=Path, metavar="CSV", help="rows image,task: one task per image (mixed batches)")
@@ -116,7 +121,7 @@ def _write(out: Path, results: list[dict]) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
-def _serving_backbone(args: argparse.Namespace, files: list) -> tuple[str, str, int | None]:
+def serving_backbone(args: argparse.Namespace, files: list) -> tuple[str, str, int | None]:
     """--backbone, --weights and --img-size, each defaulting to what the task files record about their backbone."""
     from .taskfile import recorded_backbone
 
@@ -156,7 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not jobs:
         raise DataError(f"no image files found under {[str(p) for p in args.images]}")
 
-    backbone, weights, img_size = _serving_backbone(args, files)
+    backbone, weights, img_size = serving_backbone(args, files)
     bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
     for name, path in args.task:
         bank.add(name, path)
