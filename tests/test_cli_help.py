@@ -14,4 +14,6 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_all_jobs_are_commands():
-    assert {"train", "eval", "info", "methods", "data", "demo", "bench", "report"} <= set(COMMANDS)
+    assert {"train", "eval", "info", "export", "methods", "data", "demo", "bench", "report", "predict", "serve"} <= set(
+        COMMANDS
+    )
