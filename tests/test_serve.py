@@ -58,7 +58,7 @@ def server(tmp_path):
     for name, (kind, classes) in TASKS.items():
         make_task("vit", kind, classes, tmp_path / f"{name}.safetensors", seed=ord(name))
         bank.add(name, tmp_path / f"{name}.safetensors")
-    srv = BankServer(bank, port=0, max_batch=16, wait_ms=300, max_image_bytes=50_000)
+    srv = BankServer(bank, port=0, max_batch=16, wait_ms=300, max_image_bytes=50_000, request_timeout=1.0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -109,6 +109,11 @@ def test_bad_requests_get_one_json_error_and_the_server_goes_on(server):
     assert _get(f"{url}/nowhere")[0] == 404
     status, tasks = _get(f"{url}/tasks")
     assert status == 200 and set(tasks) == {"a", "b", "c"} and tasks["b"]["method"] == "lora"
+    # a client that announces 1,000 bytes and stalls after 10 gets a 408 once the timeout passes
+    with socket.create_connection(server.server_address[:2], timeout=30) as stalled:
+        stalled.sendall(b"POST /predict?task=a HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        reply = stalled.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
     status, got = _post(f"{url}/predict?task=b", _png(3))
     assert status == 200 and got["task"] == "b"
     assert server.batcher.requests == 1  # refused requests never reached the model

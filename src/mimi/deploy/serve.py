@@ -6,8 +6,8 @@ their tasks: the frozen backbone runs once per batch (see :mod:`mimi.deploy.rout
     GET  /tasks                        -> per task: method, parameters, bytes, classes (``AdapterBank.info``)
     GET  /health                       -> {"ok": true, "tasks": [...], "requests": N, "batches": M}
 
-Errors are JSON ``{"error": "..."}`` with 400 (bad request: unknown task, bad topk, not an image), 404, 411, 413
-(image larger than ``--max-image-bytes``) or 500. The server uses Python's standard library only; put it behind a
+Errors are JSON ``{"error": "..."}`` with 400 (bad request: unknown task, bad topk, not an image), 404, 408 (a
+body that stalls past the request timeout), 411, 413 (image larger than ``--max-image-bytes``) or 500. The server uses Python's standard library only; put it behind a
 reverse proxy for TLS and authentication.
 """
 
@@ -122,6 +122,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: BankServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # a client that stalls mid-request loses its connection
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         if self.server.access_log:
             super().log_message(format, *args)
@@ -167,7 +171,15 @@ class _Handler(BaseHTTPRequestHandler):
                 413, f"image of {int(length):,} bytes; the limit is {self.server.max_image_bytes:,} (--max-image-bytes)"
             )
             return
-        body = self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            self._error(408, f"the body did not arrive within {self.server.request_timeout:g} s")
+            return
+        if len(body) < int(length):
+            self.close_connection = True
+            return  # the client went away mid-body: nobody to answer
         if task not in self.server.bank:
             self._error(
                 400, f"unknown task {task!r}; this server holds {', '.join(self.server.bank.tasks)} (?task=NAME)"
@@ -215,6 +227,7 @@ class BankServer(ThreadingHTTPServer):
         wait_ms: float = 5.0,
         max_image_bytes: int = 20_000_000,
         access_log: bool = False,
+        request_timeout: float = 60.0,
     ) -> None:
         try:
             super().__init__((host, port), _Handler)
@@ -223,6 +236,7 @@ class BankServer(ThreadingHTTPServer):
                 f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host"
             ) from e
         self.bank, self.max_image_bytes, self.access_log = bank, max_image_bytes, access_log
+        self.request_timeout = request_timeout
         self.batcher = Batcher(bank, max_batch=max_batch, wait_ms=wait_ms)
 
     @property
@@ -247,6 +261,9 @@ def _setup(p: argparse.ArgumentParser) -> None:
         "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)"
     )
     p.add_argument("--max-image-bytes", type=int, default=20_000_000, help="largest request body (default: 20 MB)")
+    p.add_argument(
+        "--request-timeout", type=float, default=60.0, help="seconds a client may stall mid-request (default: 60)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
 
@@ -256,8 +273,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = [n for n, _ in args.task]
     if len(set(names)) != len(names):
         raise ConfigError(f"--task names must be unique, got {names}")
-    if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_image_bytes < 1:
-        raise ConfigError("--max-batch and --max-image-bytes must be positive, --batch-wait-ms >= 0")
+    if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_image_bytes < 1 or args.request_timeout <= 0:
+        raise ConfigError("--max-batch, --max-image-bytes and --request-timeout must be positive, --batch-wait-ms >= 0")
     files = [read_task_file(path) for _, path in args.task]
     backbone, weights, img_size = serving_backbone(args, files)
     bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
@@ -271,6 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_ms=args.batch_wait_ms,
         max_image_bytes=args.max_image_bytes,
         access_log=args.access_log,
+        request_timeout=args.request_timeout,
     )
     print(
         f"serving {', '.join(names)} on {backbone} at {server.url} (POST /predict?task=NAME; Ctrl-C stops)", flush=True
