@@ -139,9 +139,19 @@ def serving_backbone(args: argparse.Namespace, files: list) -> tuple[str, str, i
     return backbone, weights, img_size
 
 
+def open_bank(args: argparse.Namespace, files: list):
+    """The bank of ``--task`` files (already read as ``files``) on the backbone :func:`serving_backbone` picks."""
+    from .bank import AdapterBank
+
+    backbone, weights, img_size = serving_backbone(args, files)
+    bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
+    for name, path in args.task:
+        bank.add(name, path)
+    return bank
+
+
 @command("predict", "classify images with one or many task files on one shared backbone", _setup)
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .bank import AdapterBank
     from .taskfile import read_task_file
 
     # Every check that needs no backbone comes first: nothing is built or written for a bad command line.
@@ -161,10 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not jobs:
         raise DataError(f"no image files found under {[str(p) for p in args.images]}")
 
-    backbone, weights, img_size = serving_backbone(args, files)
-    bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
-    for name, path in args.task:
-        bank.add(name, path)
+    bank = open_bank(args, files)
     results: list[dict] = []
     bar = tqdm(total=len(jobs) * (len(names) if task_of is None else 1), disable=not args.progress, unit="pred")
     for start in range(0, len(jobs), args.batch_size):

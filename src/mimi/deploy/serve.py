@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from ..cli import command
 from ..errors import ConfigError, MimiError
 from .bank import AdapterBank
-from .predict import add_backbone_args, serving_backbone, task_arg
+from .predict import add_backbone_args, open_bank, task_arg
 from .taskfile import read_task_file
 
 
@@ -276,10 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_image_bytes < 1 or args.request_timeout <= 0:
         raise ConfigError("--max-batch, --max-image-bytes and --request-timeout must be positive, --batch-wait-ms >= 0")
     files = [read_task_file(path) for _, path in args.task]
-    backbone, weights, img_size = serving_backbone(args, files)
-    bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
-    for name, path in args.task:
-        bank.add(name, path)
+    bank = open_bank(args, files)
     server = BankServer(
         bank,
         args.host,
@@ -291,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
     )
     print(
-        f"serving {', '.join(names)} on {backbone} at {server.url} (POST /predict?task=NAME; Ctrl-C stops)", flush=True
+        f"serving {', '.join(names)} on {bank.name} at {server.url} (POST /predict?task=NAME; Ctrl-C stops)", flush=True
     )
     # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does: in-flight requests finish, then it exits 0
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
