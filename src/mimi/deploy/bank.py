@@ -29,7 +29,7 @@ from ..engine import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..methods.lora import LoRALinear
 from .routing import BankSite, Router
-from .taskfile import SERVABLE, TaskFile, read_task_file, recorded_backbone
+from .taskfile import SERVABLE, TaskFile, read_task_file, serving_backbone
 
 
 def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
@@ -135,17 +135,20 @@ class AdapterBank:
         cls,
         tasks: dict[str, str | Path],
         *,
+        backbone: str | None = None,
         weights: str | None = None,
         img_size: int | None = None,
         device: str = "auto",
     ) -> AdapterBank:
         """A bank on the backbone the task files record (model, weight source, resolution), holding them all.
 
-        ``weights`` and ``img_size`` override what the files record. Raises :class:`ConfigError` when the files
-        record no backbone or different ones, and what :meth:`add` raises for a bad file.
+        ``backbone``, ``weights`` and ``img_size`` override what the files record. Raises :class:`ConfigError`
+        when no backbone is given and the files record none or different ones, and what :meth:`add` raises for a
+        bad file.
         """
-        rec = recorded_backbone([read_task_file(p) for p in tasks.values()])
-        bank = cls(rec.model, weights=weights or rec.weights, img_size=img_size or rec.img_size, device=device)
+        files = [read_task_file(p) for p in tasks.values()]
+        rec = serving_backbone(files, backbone=backbone, weights=weights, img_size=img_size)
+        bank = cls(rec.model, weights=rec.weights, img_size=rec.img_size, device=device)
         for name, path in tasks.items():
             bank.add(name, path)
         return bank

@@ -30,7 +30,7 @@ def task_arg(text: str) -> tuple[str, Path]:
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    """--backbone, --weights, --img-size: each defaults to what the task files record (see serving_backbone)."""
+    """--backbone, --weights, --img-size: each defaults to what the task files record (AdapterBank.from_task_files)."""
     p.add_argument(
         "--backbone", default=None, help="timm model name the tasks were trained on (default: the one they record)"
     )
@@ -121,32 +121,15 @@ def _write(out: Path, results: list[dict]) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
-def serving_backbone(args: argparse.Namespace, files: list) -> tuple[str, str, int | None]:
-    """--backbone, --weights and --img-size, each defaulting to what the task files record about their backbone."""
-    from .taskfile import recorded_backbone
-
-    try:
-        rec = recorded_backbone(files)
-    except ConfigError:
-        if args.backbone is None:
-            raise
-        return args.backbone, args.weights or "auto", args.img_size
-    if args.backbone is not None and args.backbone != rec.model:  # another backbone: nothing recorded applies
-        return args.backbone, args.weights or "auto", args.img_size
-    backbone, weights, img_size = rec.model, args.weights or rec.weights, args.img_size or rec.img_size
-    if args.backbone is None:
-        print(f"backbone {backbone} (weights {weights}, {img_size or 'default'} px), as the task files record")
-    return backbone, weights, img_size
-
-
-def open_bank(args: argparse.Namespace, files: list):
-    """The bank of ``--task`` files (already read as ``files``) on the backbone :func:`serving_backbone` picks."""
+def open_bank(args: argparse.Namespace):
+    """The bank of the ``--task`` files, on ``--backbone``/``--weights``/``--img-size`` or what the files record."""
     from .bank import AdapterBank
 
-    backbone, weights, img_size = serving_backbone(args, files)
-    bank = AdapterBank(backbone, weights=weights, img_size=img_size, device=args.device)
-    for name, path in args.task:
-        bank.add(name, path)
+    tasks = dict(args.task)
+    kw = {"backbone": args.backbone, "weights": args.weights, "img_size": args.img_size}
+    bank = AdapterBank.from_task_files(tasks, **kw, device=args.device)
+    if args.backbone is None:
+        print(f"backbone {bank.name} (weights {bank.weights_source}, {bank.img_size} px), as the task files record")
     return bank
 
 
@@ -162,7 +145,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = [n for n, _ in args.task]
     if len(set(names)) != len(names):
         raise ConfigError(f"--task names must be unique, got {names}")
-    files = [read_task_file(path) for _, path in args.task]
+    for _, path in args.task:  # every file checked before the backbone loads
+        read_task_file(path)
     if not args.images and args.task_of is None:
         raise ConfigError("give --images PATH... (files or folders), or --task-of CSV listing the images")
     images = list_images(args.images)
@@ -171,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not jobs:
         raise DataError(f"no image files found under {[str(p) for p in args.images]}")
 
-    bank = open_bank(args, files)
+    bank = open_bank(args)
     results: list[dict] = []
     bar = tqdm(total=len(jobs) * (len(names) if task_of is None else 1), disable=not args.progress, unit="pred")
     for start in range(0, len(jobs), args.batch_size):

@@ -275,8 +275,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--task names must be unique, got {names}")
     if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_image_bytes < 1 or args.request_timeout <= 0:
         raise ConfigError("--max-batch, --max-image-bytes and --request-timeout must be positive, --batch-wait-ms >= 0")
-    files = [read_task_file(path) for _, path in args.task]
-    bank = open_bank(args, files)
+    for _, path in args.task:  # every file checked before the backbone loads
+        read_task_file(path)
+    bank = open_bank(args)
     server = BankServer(
         bank,
         args.host,

@@ -206,3 +206,19 @@ def recorded_backbone(files: list[TaskFile]) -> RecordedBackbone:
     sizes = {f.img_size for f in files}
     size = sizes.pop() if len(sizes) == 1 else None
     return RecordedBackbone(models[0], source if source and _reusable(source) else "auto", size)
+
+
+def serving_backbone(
+    files: list[TaskFile], *, backbone: str | None = None, weights: str | None = None, img_size: int | None = None
+) -> RecordedBackbone:
+    """The backbone to serve ``files`` on: ``backbone``, ``weights`` and ``img_size`` where given, else what the
+    files record (recorded weights and resolution apply only to the backbone they were recorded for)."""
+    try:
+        rec = recorded_backbone(files)
+    except ConfigError:
+        if backbone is None:
+            raise
+        return RecordedBackbone(backbone, weights or "auto", img_size)
+    if backbone is not None and backbone != rec.model:  # another backbone: nothing recorded applies
+        return RecordedBackbone(backbone, weights or "auto", img_size)
+    return RecordedBackbone(rec.model, weights or rec.weights, img_size or rec.img_size)
