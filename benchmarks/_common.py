@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimi.adapters import AdapterConfig, adapter_sites, adapters, add_adapters, new_adapter
 from mimi.backbones import create_backbone
-from mimi.engine import make_optimizer
-from mimi.methods.lora import add_lora, lora_rank_for_budget
+from mimi.core.adapters import AdapterConfig, adapter_sites, adapters, add_adapters, new_adapter
+from mimi.core.lora import add_lora
+from mimi.core.shrink import apply_plan
+from mimi.methods.lora import lora_rank_for_budget
 from mimi.methods.peft_methods import trainable_without_head
-from mimi.shrink import apply_plan
+from mimi.training.engine import make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = RESULTS / "minivtab" / "fashion_mnist__mimi__budgetdim3__s0.json"

@@ -27,9 +27,9 @@ import torch
 from _common import machine
 
 import mimi
-from mimi.adapters import AdapterConfig, add_adapters
 from mimi.backbones import create_backbone
-from mimi.shrink import apply_plan
+from mimi.core.adapters import AdapterConfig, add_adapters
+from mimi.core.shrink import apply_plan
 
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = sorted((RESULTS / "minivtab").glob("*__mimi__budgetdim3__s0.json"))

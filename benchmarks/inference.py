@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from _common import autocast, build, finish_args, interleaved, machine, parser, print_machine, write_json
 
-from mimi.methods.lora import merge_lora
+from mimi.core.lora import merge_lora
 
 LABELS = {
     "bare": "bare backbone",

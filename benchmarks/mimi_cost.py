@@ -32,23 +32,24 @@ from pathlib import Path
 
 from _common import machine, write_record
 
-import mimi.checkpoint
-import mimi.report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
+import mimi.core.taskfile
+import mimi.reporting.run_report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
 import mimi.trainer
+import mimi.training.loop
 from mimi.config import TrainConfig
-from mimi.schedule import MiMiPruner
+from mimi.core.schedule import MiMiPruner
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO, TARGET_SHARE = 1.10, 0.02
 # phase -> (object, attribute) the trainer reaches it through
 PHASES = {
-    "train_epoch": (mimi.trainer, "train_epoch"),
-    "evaluate": (mimi.trainer, "evaluate"),
+    "train_epoch": (mimi.training.loop, "train_epoch"),
+    "evaluate": (mimi.training.loop, "evaluate"),
     "MiMiPruner.step": (MiMiPruner, "step"),
-    "Trainer._optimizer": (mimi.trainer.Trainer, "_optimizer"),
-    "save_checkpoint": (mimi.trainer, "save_checkpoint"),
-    "save_adapters": (mimi.checkpoint, "save_adapters"),  # == mimi.trainer.ckpt.save_adapters
-    "_plots": (mimi.trainer, "_plots"),
+    "Trainer._optimizer": (mimi.training.loop.Trainer, "_optimizer"),
+    "save_checkpoint": (mimi.training.loop, "save_checkpoint"),
+    "save_adapters": (mimi.core.taskfile, "save_adapters"),  # == mimi.training.loop.ckpt.save_adapters
+    "_plots": (mimi.training.loop, "_plots"),
     "setup (preflight)": (mimi.trainer, "preflight"),
     "setup (build_run)": (mimi.trainer, "build_run"),
 }

@@ -1,8 +1,8 @@
 """Data-wait share of a training step: time spent waiting for the next batch vs the step's compute.
 
 Each configuration (MiniVTAB task x image size) is a ViT-S/14 with the adapter sizes a real MiMi run ended with
-(r=96 -> budget r=3, fashion_mnist), trained by the real ``mimi.engine.train_epoch`` on the real
-``mimi.engine.loader`` (batch 32, shuffled, single process, exactly as the trainer builds it). The loader is
+(r=96 -> budget r=3, fashion_mnist), trained by the real ``mimi.training.engine.train_epoch`` on the real
+``mimi.training.engine.loader`` (batch 32, shuffled, single process, exactly as the trainer builds it). The loader is
 wrapped in a timer: per step, (i) the wait for the next batch and (ii) everything the step does until it asks for
 the next batch (forward, cross-entropy, backward, AdamW and scheduler step, bookkeeping). Configurations take
 their epochs round-robin (this machine is noisy) after a few unmeasured warm-up steps each.
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from _common import machine, write_record
 
-from mimi.adapters import AdapterConfig, add_adapters
 from mimi.backbones import create_backbone, preprocessing
+from mimi.core.adapters import AdapterConfig, add_adapters
+from mimi.core.shrink import apply_plan
 from mimi.data import build_task
-from mimi.engine import StepContext, loader, make_optimizer, resolve_device, train_epoch, warmup_cosine
-from mimi.shrink import apply_plan
+from mimi.training.engine import StepContext, loader, make_optimizer, resolve_device, train_epoch, warmup_cosine
 
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = RESULTS / "minivtab" / "fashion_mnist__mimi__budgetdim3__s0.json"

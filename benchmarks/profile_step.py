@@ -10,7 +10,7 @@ import torch
 from _common import NUM_CLASSES, build, finish_args, machine, parser, print_machine, train_step_fn, write_json
 from torch.profiler import ProfilerActivity, profile
 
-from mimi.engine import evaluate
+from mimi.training.engine import evaluate
 
 
 def main() -> None:

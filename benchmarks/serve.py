@@ -34,7 +34,7 @@ from bank import backbone, write_tasks
 from PIL import Image
 
 import mimi
-from mimi.deploy.serve import BankServer
+from mimi.deploy.server import BankServer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -14,8 +14,8 @@ import torch
 
 from mimi.backbones import create_backbone
 from mimi.config import TrainConfig
-from mimi.engine import make_optimizer
 from mimi.methods import get_method
+from mimi.training.engine import make_optimizer
 
 VARIANTS = {
     "frozen (floor)": dict(method="linear"),

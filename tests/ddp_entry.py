@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import mimi.trainer as trainer
-from mimi.checkpoint import trained_state
 from mimi.cli import main
+from mimi.core.taskfile import trained_state
 
 split = sys.argv.index("--")
 probe, args = sys.argv[1:split], sys.argv[split + 1 :]

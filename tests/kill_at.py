@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-import mimi.io_utils as io_utils
-import mimi.schedule as schedule
-import mimi.trainer as trainer
+import mimi.core.files as io_utils
+import mimi.core.schedule as schedule
+import mimi.training.loop as loop
 from mimi.cli import main
 
 point, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
@@ -43,14 +43,14 @@ if point == "mid-epoch":
 
     torch.optim.AdamW.step = patched_step
 elif point == "evaluation":
-    evaluate = trainer.evaluate
+    evaluate = loop.evaluate
 
     def patched_evaluate(*a, **k):
         if hit():
             die()
         return evaluate(*a, **k)
 
-    trainer.evaluate = patched_evaluate
+    loop.evaluate = patched_evaluate
 elif point == "after-prune":
     prune_step = schedule.MiMiPruner.step
 

@@ -3,7 +3,7 @@ import torch
 from conftest import image_size, randomize_adapters, tiny_dinov2, tiny_vit
 
 import mimi
-from mimi.adapters import AdaptedBranch, find_blocks
+from mimi.core.adapters import AdaptedBranch, find_blocks
 
 
 def test_zero_init_leaves_outputs_unchanged(any_model):

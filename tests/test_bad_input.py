@@ -233,7 +233,7 @@ def _adapter_file(tmp_path: Path, run: Path, kind: str) -> Path:
     """A broken task file: truncated, from another backbone, or with mismatched shapes."""
     from safetensors.torch import load_file
 
-    from mimi.checkpoint import read_metadata
+    from mimi.core.taskfile import read_metadata
 
     src = run / "adapters.safetensors"
     path = tmp_path / f"{kind}.safetensors"

@@ -10,10 +10,10 @@ from conftest import tiny_swin, tiny_vit
 from PIL import Image
 
 import mimi
-from mimi.adapters import AdapterConfig, adapters, add_adapters, freeze_backbone
+from mimi.core.adapters import AdapterConfig, adapters, add_adapters, freeze_backbone
+from mimi.core.lora import apply_lora_layout, lora_targets
+from mimi.core.shrink import apply_plan
 from mimi.deploy.routing import BankSite
-from mimi.methods.lora import apply_lora_layout, lora_targets
-from mimi.shrink import apply_plan
 
 ARCHS = {"vit": tiny_vit, "swin": tiny_swin}
 MIMI_SIZES = [5, 0, 2, 6, 0, 1, 3, 4]  # per adapter in model order (the tiny Swin has 4 adapters, the ViT 4)

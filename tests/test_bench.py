@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from vtab_fixture import write_vtab_task
 
-from mimi.bench import BenchSpec
+from mimi.bench.spec import BenchSpec
 from mimi.cli import main
 from mimi.methods import METHODS
 
@@ -117,7 +117,7 @@ def _rec(task, label, method, acc, params, cycles=(), **cfg):
 
 
 def test_budget_and_ablation_tables_compare_on_shared_tasks():
-    from mimi.bench_report import ablation_table, budget_table
+    from mimi.reporting.bench_report import ablation_table, budget_table
 
     on_the_way = {"cycle": 1, "adapter_params": 1990, "trainable_params": 2000, "test_acc": 0.85}
     recs = [
@@ -147,7 +147,7 @@ def test_budget_and_ablation_tables_compare_on_shared_tasks():
 
 
 def test_runs_finished_by_another_worker_meanwhile_are_skipped(tmp_path, monkeypatch):
-    import mimi.bench as bench
+    import mimi.bench.runner as bench
 
     root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
     spec_path = _spec(tmp_path, root, [{"label": "linear", "method": "linear"}])
@@ -183,7 +183,7 @@ def test_a_method_can_have_its_own_seeds(tmp_path):
 
 
 def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypatch, capsys):
-    import mimi.bench as bench
+    import mimi.bench.runner as bench
 
     root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 6, "val200": 3, "test": 3})
     spec_path = _spec(tmp_path, root, [{"label": "linear", "method": "linear"}])
@@ -220,7 +220,8 @@ def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypat
 
 
 def test_dry_run_estimates_from_finished_runs_of_the_same_kind(tmp_path, capsys):
-    from mimi.bench import BenchRun, estimate_seconds
+    from mimi.bench.runner import estimate_seconds
+    from mimi.bench.spec import BenchRun
 
     results = tmp_path / "results"
     results.mkdir()
@@ -270,7 +271,7 @@ def test_dry_run_shows_runs_held_by_live_workers(tmp_path, capsys):
 
 
 def _claim_after(barrier, results, run_id, won):
-    from mimi.bench import claim
+    from mimi.bench.claims import claim
 
     barrier.wait()
     if claim(Path(results), run_id):
@@ -305,7 +306,7 @@ def test_only_one_of_many_workers_takes_over_a_stale_claim(tmp_path):
 def test_a_released_claim_is_free_and_another_workers_claim_is_left_alone(tmp_path):
     import platform
 
-    from mimi.bench import claim, claimed, release
+    from mimi.bench.claims import claim, claimed, release
 
     assert claim(tmp_path, "a")
     assert claimed(tmp_path, "a")[0] == f"{platform.node()} {os.getpid()}"

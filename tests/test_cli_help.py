@@ -1,8 +1,8 @@
 import pytest
 
-from mimi.cli import COMMANDS, _register_extra_commands, main
+from mimi.cli import commands, main
 
-_register_extra_commands()
+COMMANDS = commands()
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

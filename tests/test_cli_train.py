@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 from vtab_fixture import write_vtab_task
 
-import mimi.trainer as trainer
+import mimi.training.loop as loop
 from mimi.cli import main
 
 BUDGET = 500
@@ -22,7 +22,7 @@ def _args(root, out, extra: str = MIMI) -> list[str]:
 @contextlib.contextmanager
 def crash_after_checkpoints(n: int, exc: BaseException):
     """Make the trainer raise ``exc`` right after its n-th checkpoint is written (a crash at a known point)."""
-    original, calls = trainer.save_checkpoint, {"n": 0}
+    original, calls = loop.save_checkpoint, {"n": 0}
 
     def save(*a, **k):
         original(*a, **k)
@@ -30,11 +30,11 @@ def crash_after_checkpoints(n: int, exc: BaseException):
         if calls["n"] == n:
             raise exc
 
-    trainer.save_checkpoint = save
+    loop.save_checkpoint = save
     try:
         yield
     finally:
-        trainer.save_checkpoint = original
+        loop.save_checkpoint = original
 
 
 def _same_tensors(a_path, b_path) -> bool:

@@ -72,7 +72,7 @@ def test_sigkill_then_resume_equals_unbroken(point, unbroken, tmp_path):
 
 
 def test_nan_loss_stops_keeps_checkpoint_and_resumes_with_lower_lr(unbroken, tmp_path, capsys, monkeypatch):
-    import mimi.engine as engine
+    import mimi.training.engine as engine
 
     root, _ = unbroken
     out = tmp_path / "run"
@@ -101,7 +101,7 @@ def test_nan_loss_stops_keeps_checkpoint_and_resumes_with_lower_lr(unbroken, tmp
 
 
 def test_disk_full_keeps_previous_checkpoint(unbroken, tmp_path, capsys, monkeypatch):
-    import mimi.checkpoint as ckpt
+    import mimi.core.taskfile as ckpt
 
     root, _ = unbroken
     out = tmp_path / "run"
@@ -149,7 +149,7 @@ def test_two_bench_workers_run_each_run_once(tmp_path):
 
 def test_offline_hub_makes_no_network_call(monkeypatch):
     from mimi.backbones import create_backbone
-    from mimi.errors import BackboneError
+    from mimi.core.errors import BackboneError
 
     def no_network(*a, **k):
         raise AssertionError("a network call was made")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mimi.core.errors import DataError
 from mimi.data import (
     DATASETS,
     InMemoryDataset,
@@ -18,7 +19,6 @@ from mimi.data import (
     list_datasets,
     stratified_split,
 )
-from mimi.errors import DataError
 
 IMG = 16  # output side used by most tests
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from vtab_fixture import write_vtab_task
 
-from mimi.checkpoint import read_metadata
 from mimi.cli import main
+from mimi.core.taskfile import read_metadata
 from mimi.trainer import load_run
 
 CLASSES = ["red", "green", "blue"]

@@ -90,8 +90,8 @@ def test_a_killed_rank_then_resume_under_torchrun_equals_unbroken(ddp_run, tmp_p
 
 def _grad_worker(rank: int, world: int, init: str, x: torch.Tensor, y: torch.Tensor, out: str) -> None:
     import mimi
-    from mimi.scores import GradientAccumulator
-    from mimi.trainer import Trainer  # noqa: F401  (the module under test imports cleanly in a worker)
+    from mimi.core.scores import GradientAccumulator
+    from mimi.training.loop import Trainer  # noqa: F401  (the module under test imports cleanly in a worker)
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     model = _tiny()
@@ -122,7 +122,7 @@ def _tiny() -> torch.nn.Module:
 
 
 def test_gradient_score_under_ddp_equals_single_process(tmp_path):
-    from mimi.scores import GradientAccumulator, score_neurons
+    from mimi.core.scores import GradientAccumulator, score_neurons
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g)

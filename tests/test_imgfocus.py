@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from safetensors import safe_open  # noqa: E402
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 
-from mimi.errors import BackboneError  # noqa: E402
+from mimi.core.errors import BackboneError  # noqa: E402
 from mimi.importers import imgfocus  # noqa: E402
 
 pytestmark = pytest.mark.offline

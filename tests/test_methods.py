@@ -11,11 +11,12 @@ import torch
 from conftest import tiny_dinov2, tiny_swin, tiny_vit
 from torch import nn
 
-from mimi.checkpoint import restore_trained, save_adapters
 from mimi.config import TrainConfig
-from mimi.errors import ConfigError, ModelError
+from mimi.core.errors import ConfigError, ModelError
+from mimi.core.lora import LoRALinear, lora_params_per_rank, merge_lora
+from mimi.core.taskfile import restore_trained, save_adapters
 from mimi.methods import METHODS, get_method
-from mimi.methods.lora import LoRALinear, lora_params_per_rank, lora_rank_for_budget, merge_lora
+from mimi.methods.lora import lora_rank_for_budget
 
 MODELS = {"vit": tiny_vit, "dinov2": tiny_dinov2, "swin": tiny_swin}
 ADAPTERS = {"mimi", "mimi-oneshot", "adapter", "adaptformer", "mimi-lora"}

@@ -10,12 +10,12 @@ from conftest import tiny_vit
 from vtab_fixture import write_vtab_task
 
 import mimi
-from mimi.adapters import AdaptedBranch, adapters, merge_linear_adapters
 from mimi.cli import main
 from mimi.config import TrainConfig
+from mimi.core.adapters import AdaptedBranch, adapters, merge_linear_adapters
+from mimi.core.lora import DEFAULT_TARGETS, lora_params_per_rank
+from mimi.core.scores import score_neurons
 from mimi.methods import get_method
-from mimi.methods.lora import DEFAULT_TARGETS, lora_params_per_rank
-from mimi.scores import score_neurons
 
 LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 

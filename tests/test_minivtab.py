@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mimi.data import minivtab as mv
-from mimi.errors import ConfigError, DataError
+from mimi.core.errors import ConfigError, DataError
+from mimi.data.build import minivtab as mv
 
 pytest.importorskip("elpv_dataset")
 pytest.importorskip("sklearn")

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from test_bank import bare, make_task
 
 import mimi
-from mimi.adapters import AdapterConfig, add_adapters
 from mimi.cli import main
-from mimi.deploy.serve import BankServer
+from mimi.core.adapters import AdapterConfig, add_adapters
+from mimi.deploy.server import BankServer
 
 TASKS = {"a": ("mimi", 3), "b": ("lora", 4), "c": ("linear", 5)}
 
@@ -125,7 +125,7 @@ def _cli_task(tmp_path):
     weights = tmp_path / "backbone.safetensors"
     save_file(timm.create_model("test_vit", img_size=32, num_classes=0).state_dict(), str(weights))
     model = timm.create_model("test_vit", img_size=32, num_classes=0)
-    model.load_state_dict(mimi.checkpoint.load_tensors(weights))
+    model.load_state_dict(mimi.core.taskfile.load_tensors(weights))
     model.reset_classifier(3)
     add_adapters(model, AdapterConfig(hidden_dim=4, init_seed=1))
     meta = {"method": "adapter", "model": "test_vit", "img_size": "32", "weights_source": str(weights)}

@@ -1,4 +1,4 @@
-"""Statistics over seeds (mimi.stats) against hand-computed values, and their sections in `mimi report`."""
+"""Statistics over seeds (mimi.reporting.stats) against hand-computed values, and their sections in `mimi report`."""
 
 import json
 import math
@@ -6,9 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from mimi.bench_report import _mean_points, _task_points, fmt_mean_se, paired_table, write_report
 from mimi.cli import main
-from mimi.stats import MeanSE, bootstrap_mean_interval, clustered_bootstrap_interval, mean_se, paired_difference
+from mimi.reporting.bench_report import _mean_points, _task_points, fmt_mean_se, paired_table, write_report
+from mimi.reporting.stats import (
+    MeanSE,
+    bootstrap_mean_interval,
+    clustered_bootstrap_interval,
+    mean_se,
+    paired_difference,
+)
 
 
 def test_mean_se_matches_hand_computed_values():
@@ -185,7 +191,7 @@ def test_pairing_against_another_method(tmp_path, capsys):
 
 
 def test_forest_plot_draws_the_paired_comparisons_and_skips_single_pairs(tmp_path):
-    from mimi.bench_report import paired_comparisons, plot_paired
+    from mimi.reporting.bench_report import paired_comparisons, plot_paired
 
     recs = _write_runs(tmp_path / "results")
     comps = paired_comparisons(recs)
@@ -223,7 +229,7 @@ def test_paired_table_pools_mimi_cycles_standing_in_and_needs_two_pairs():
 
 
 def test_report_merges_results_folders_once_each_and_warns_on_disagreement(tmp_path, caplog):
-    from mimi.bench_report import load_results
+    from mimi.reporting.bench_report import load_results
 
     a, b = tmp_path / "shard0", tmp_path / "shard1"
     a.mkdir()
@@ -243,7 +249,7 @@ def test_report_merges_results_folders_once_each_and_warns_on_disagreement(tmp_p
 
 
 def test_role_table_and_rank_map_of_mimi_lora(tmp_path):
-    from mimi.bench_report import plot_mimi_sizes, role_table
+    from mimi.reporting.bench_report import plot_mimi_sizes, role_table
 
     layout = [
         {"name": f"blocks.{b}.attn.{role}.adapter", "role": f"attn.{role}"} for b in (0, 1) for role in ("qkv", "proj")
@@ -271,8 +277,8 @@ def test_role_table_and_rank_map_of_mimi_lora(tmp_path):
 
 
 def test_verdict_says_when_a_gap_does_not_hold_with_tasks_resampled():
-    from mimi.bench_report import Comparison
-    from mimi.stats import PairedDiff
+    from mimi.reporting.bench_report import Comparison
+    from mimi.reporting.stats import PairedDiff
 
     def comp(across):
         return Comparison(3, "lora", PairedDiff(-0.9, -1.7, -0.2, 21), 3, 1, 6, across_tasks=across)

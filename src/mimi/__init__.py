@@ -1,6 +1,6 @@
 """mimi: finetune frozen Vision Transformers with mini adapters (MiMi, WACV 2024)."""
 
-from .adapters import (
+from mimi.core.adapters import (
     Adapter,
     AdapterConfig,
     adapter_config,
@@ -10,12 +10,12 @@ from .adapters import (
     count_trainable,
     remove_adapter,
 )
-from .checkpoint import load_adapters, read_metadata, save_adapters
-from .deploy import AdapterBank
-from .errors import BackboneError, CheckpointError, ConfigError, DataError, MimiError, ModelError
-from .schedule import MiMiPruner
-from .scores import SCORES, GradientAccumulator, score_neurons
-from .shrink import prune
+from mimi.core.errors import BackboneError, CheckpointError, ConfigError, DataError, MimiError, ModelError
+from mimi.core.schedule import MiMiPruner
+from mimi.core.scores import SCORES, GradientAccumulator, score_neurons
+from mimi.core.shrink import prune
+from mimi.core.taskfile import load_adapters, read_metadata, save_adapters
+from mimi.deploy import AdapterBank
 
 __version__ = "0.1.0"
 

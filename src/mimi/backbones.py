@@ -15,7 +15,7 @@ import timm
 from timm.data import resolve_data_config
 from torch import nn
 
-from .errors import BackboneError, ConfigError
+from mimi.core.errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _from_importer(source: str, name: str, num_classes: int, kw: dict[str, Any])
     module, func = target.split(":")
     path = getattr(importlib.import_module(module), func)()
     model = _create(name, pretrained=False, num_classes=num_classes, **kw)
-    from .importers.imgfocus import load_into
+    from mimi.importers.imgfocus import load_into
 
     load_into(model, path)
     return model

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from mimi.core.errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -113,7 +113,7 @@ class TrainConfig:
         return cls(**{k: _typed(k, v) for k, v in d.items()})
 
     def save(self, path: str | Path) -> None:
-        from .io_utils import atomic_write_text
+        from mimi.core.files import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 

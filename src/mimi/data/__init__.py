@@ -4,8 +4,8 @@ Sources register themselves by spec prefix when their module is imported below (
 them). ``minivtab`` builds the project's own suite on disk; it is loaded back with ``vtab1k:TASK``.
 """
 
-from . import domainnet, folder, torchvision_sets, vtab1k  # noqa: F401  (importing registers the sources)
-from .base import (
+from mimi.data import domainnet, folder, torchvision_sets, vtab1k  # noqa: F401  (importing registers the sources)
+from mimi.data.base import (
     DATASETS,
     IN_MEMORY_MAX,
     FileSource,

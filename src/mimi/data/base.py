@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
+from mimi.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()

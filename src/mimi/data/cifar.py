@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from mimi.core.errors import DataError
 
 # (module, name) a CIFAR batch file may refer to: numpy arrays and dtypes (numpy 1 and 2 module paths), and
 # the bytes-from-latin-1 helper Python 2 pickles use for byte strings.

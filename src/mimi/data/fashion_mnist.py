@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimi.errors import ConfigError, DataError
+from mimi.core.errors import ConfigError, DataError
 
 __all__ = ["find_fashion_mnist", "load_fashion_mnist"]
 

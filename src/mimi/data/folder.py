@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import DataError
-from .base import FileSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
+from mimi.core.errors import DataError
+from mimi.data.base import FileSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
 
 
 def _scan(split_dir: Path, classes: list[str], name: str) -> FileSource:

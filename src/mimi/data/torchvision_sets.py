@@ -17,9 +17,9 @@ import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from .base import ImageSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
-from .cifar import CIFAR10, CIFAR100, open_cifar
+from mimi.core.errors import DataError
+from mimi.data.base import ImageSource, LoadOptions, TaskData, carve_val, register_dataset, task_from_sources
+from mimi.data.cifar import CIFAR10, CIFAR100, open_cifar
 
 
 class TorchvisionSource(ImageSource):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
-from .base import (
+from mimi.core.errors import DataError
+from mimi.data.base import (
     FileSource,
     LoadOptions,
     TaskData,

@@ -21,15 +21,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import AdaptedBranch, Adapter, AdapterConfig, AdapterSite, adapter_sites, find_blocks, new_adapter
-from ..backbones import create_backbone, model_img_size, preprocessing
-from ..checkpoint import backbone_fingerprint, model_architecture
-from ..data.base import normalize, to_uint8
-from ..engine import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, ModelError
-from ..methods.lora import LoRALinear
-from .routing import BankSite, Router
-from .taskfile import SERVABLE, TaskFile, read_task_file, serving_backbone
+from mimi.backbones import create_backbone, model_img_size, preprocessing
+from mimi.core.adapters import (
+    AdaptedBranch,
+    Adapter,
+    AdapterConfig,
+    AdapterSite,
+    adapter_sites,
+    find_blocks,
+    new_adapter,
+)
+from mimi.core.errors import CheckpointError, ConfigError, DataError, ModelError
+from mimi.core.lora import LoRALinear
+from mimi.core.taskfile import backbone_fingerprint, model_architecture
+from mimi.data.base import normalize, to_uint8
+from mimi.deploy.routing import BankSite, Router
+from mimi.deploy.tasks import SERVABLE, TaskFile, read_task_file, serving_backbone
+from mimi.training.engine import resolve_device
 
 
 def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import merge_linear_adapters
-from ..errors import ConfigError, ModelError
-from ..io_utils import atomic_write
-from ..methods.lora import merge_lora
+from mimi.core.adapters import merge_linear_adapters
+from mimi.core.errors import ConfigError, ModelError
+from mimi.core.files import atomic_write
+from mimi.core.lora import merge_lora
 
 #: onnxruntime's logits must equal PyTorch's to this (fp32).
 TOLERANCE = 1e-4

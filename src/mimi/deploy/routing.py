@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from mimi.core.errors import ModelError
 
 
 class Router:

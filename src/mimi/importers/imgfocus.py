@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BackboneError
-from ..io_utils import atomic_write
+from mimi.core.errors import BackboneError
+from mimi.core.files import atomic_write
 
 if TYPE_CHECKING:
     import onnx

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..adapters import AdapterConfig, add_adapters, freeze_backbone
-from .base import Method, method_kwargs, register
+from mimi.core.adapters import AdapterConfig, add_adapters, freeze_backbone
+from mimi.methods.base import Method, method_kwargs, register
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from mimi.config import TrainConfig
 
 
 def adapter_config(cfg: TrainConfig, **overrides) -> AdapterConfig:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from mimi.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from mimi.config import TrainConfig
 
 
 class Method:

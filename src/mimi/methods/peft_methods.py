@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..adapters import find_blocks
-from ..errors import ConfigError, ModelError
-from .base import Method, method_kwargs, register
-from .lora import DEFAULT_TARGETS, lora_targets, resolve_rank
+from mimi.core.adapters import find_blocks
+from mimi.core.errors import ConfigError, ModelError
+from mimi.core.lora import DEFAULT_TARGETS, lora_targets
+from mimi.methods.base import Method, method_kwargs, register
+from mimi.methods.lora import resolve_rank
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from mimi.config import TrainConfig
 
 ADAPTER = "default"  # PEFT's adapter name
 

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..adapters import freeze_backbone
-from ..errors import ConfigError, ModelError
-from .base import Method, method_kwargs, register
+from mimi.core.adapters import freeze_backbone
+from mimi.core.errors import ConfigError, ModelError
+from mimi.methods.base import Method, method_kwargs, register
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from mimi.config import TrainConfig
 
 
 class PromptedBlock(nn.Module):

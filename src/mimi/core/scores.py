@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .adapters import Adapter, adapters
-from .errors import ConfigError
+from mimi.core.adapters import Adapter, adapters
+from mimi.core.errors import ConfigError
 
 
 def _l1(adapter: Adapter) -> torch.Tensor:

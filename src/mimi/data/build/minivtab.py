@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimi.errors import ConfigError, DataError
-from mimi.io_utils import atomic_write_text
+from mimi.core.errors import ConfigError, DataError
+from mimi.core.files import atomic_write_text
 
-from .fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from mimi.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 
 __all__ = [
     "FORMAT_VERSION",

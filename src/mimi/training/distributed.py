@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from mimi.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import AdapterConfig, adapter_config, adapters, add_adapters, freeze_backbone
-from .errors import CheckpointError, ModelError
-from .io_utils import atomic_write
-from .methods.lora import apply_lora_layout, lora_layout
-from .shrink import apply_plan
+from mimi.core.adapters import AdapterConfig, adapter_config, adapters, add_adapters, freeze_backbone
+from mimi.core.errors import CheckpointError, ModelError
+from mimi.core.files import atomic_write
+from mimi.core.lora import apply_lora_layout, lora_layout
+from mimi.core.shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
 

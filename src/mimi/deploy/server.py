@@ -1,4 +1,4 @@
-"""`mimi serve`: an HTTP endpoint over an adapter bank. Requests that arrive together are run as one batch, whatever
+"""An HTTP endpoint over an adapter bank (run by `mimi serve`). Requests that arrive together are run as one batch, whatever
 their tasks: the frozen backbone runs once per batch (see :mod:`mimi.deploy.routing`).
 
     POST /predict?task=NAME[&topk=K]   body: one image file (JPEG, PNG, ...)
@@ -13,11 +13,9 @@ reverse proxy for TLS and authentication.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,11 +26,8 @@ from urllib.parse import parse_qs, urlparse
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..cli import command
-from ..errors import ConfigError, MimiError
-from .bank import AdapterBank
-from .predict import add_backbone_args, open_bank, task_arg
-from .taskfile import read_task_file
+from mimi.core.errors import ConfigError, MimiError
+from mimi.deploy.bank import AdapterBank
 
 
 @dataclass
@@ -247,58 +242,3 @@ class BankServer(ThreadingHTTPServer):
     def close(self) -> None:
         self.server_close()
         self.batcher.close()
-
-
-def _setup(p: argparse.ArgumentParser) -> None:
-    add_backbone_args(p)
-    p.add_argument(
-        "--task", type=task_arg, action="append", required=True, metavar="NAME=FILE", help="a task file (repeat)"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests run in one batch (default: 32)")
-    p.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)"
-    )
-    p.add_argument("--max-image-bytes", type=int, default=20_000_000, help="largest request body (default: 20 MB)")
-    p.add_argument(
-        "--request-timeout", type=float, default=60.0, help="seconds a client may stall mid-request (default: 60)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--access-log", action="store_true", help="log every request to stderr")
-
-
-@command("serve", "serve task files over HTTP on one shared backbone; concurrent requests share batches", _setup)
-def cmd_serve(args: argparse.Namespace) -> int:
-    names = [n for n, _ in args.task]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--task names must be unique, got {names}")
-    if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_image_bytes < 1 or args.request_timeout <= 0:
-        raise ConfigError("--max-batch, --max-image-bytes and --request-timeout must be positive, --batch-wait-ms >= 0")
-    for _, path in args.task:  # every file checked before the backbone loads
-        read_task_file(path)
-    bank = open_bank(args)
-    server = BankServer(
-        bank,
-        args.host,
-        args.port,
-        max_batch=args.max_batch,
-        wait_ms=args.batch_wait_ms,
-        max_image_bytes=args.max_image_bytes,
-        access_log=args.access_log,
-        request_timeout=args.request_timeout,
-    )
-    print(
-        f"serving {', '.join(names)} on {bank.name} at {server.url} (POST /predict?task=NAME; Ctrl-C stops)", flush=True
-    )
-    # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does: in-flight requests finish, then it exits 0
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    sizes = server.batcher.batch_sizes
-    print(f"stopped: {server.batcher.requests} requests in {len(sizes)} batches")
-    return 0

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io_utils import atomic_write, atomic_write_text  # noqa: E402
+from mimi.core.files import atomic_write, atomic_write_text  # noqa: E402
 
 
 def human(n: float) -> str:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .adapters import adapter_param_count
-from .errors import ConfigError
-from .scores import SCORES, GradientAccumulator
-from .shrink import prune
+from mimi.core.adapters import adapter_param_count
+from mimi.core.errors import ConfigError
+from mimi.core.scores import SCORES, GradientAccumulator
+from mimi.core.shrink import prune
 
 
 @dataclass

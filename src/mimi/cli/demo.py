@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from .cli import command
-from .config import TrainConfig
+from mimi.cli.command import Command
+from mimi.config import TrainConfig
 
 # The built-in default: sized to finish within 3 minutes on 2 CPU cores (measured; see README): large adapters
 # trained for 6 epochs, then two cuts (rho 0.75) down to the budget of r=8 adapters, 2 epochs after each.
@@ -40,14 +40,13 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-@command("demo", "run MiMi end to end on the built-in default (offline ViT-S/14, MiniVTAB elpv_defect)", _setup)
 def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from . import trainer
-    from .data.minivtab import build_minivtab
-    from .importers.imgfocus import import_imgfocus
-    from .report import cycle_table
+    from mimi import trainer
+    from mimi.data.build.minivtab import build_minivtab
+    from mimi.importers.imgfocus import import_imgfocus
+    from mimi.reporting.run_report import cycle_table
 
     t0 = time.perf_counter()
     task = DEFAULT["data"].split(":", 1)[1]
@@ -73,3 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(cycle_table(summary, layout))
     print(f"\nreport: {args.out / 'report.md'}   plots: {args.out / 'plots'}   total {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+COMMANDS = [
+    Command(
+        "demo", "run MiMi end to end on the built-in default (offline ViT-S/14, MiniVTAB elpv_defect)", _setup, cmd_demo
+    ),
+]

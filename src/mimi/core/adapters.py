@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError
+from mimi.core.errors import ConfigError, ModelError
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 _ROLES = ("attn", "mlp")

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, TrainingError
+from mimi.core.errors import ConfigError, TrainingError
 
 
 def resolve_device(device: str) -> torch.device:

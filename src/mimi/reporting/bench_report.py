@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .errors import ConfigError  # noqa: E402
-from .io_utils import atomic_write, atomic_write_text  # noqa: E402
-from .report import _block_grid, human, save_size_grid  # noqa: E402
-from .stats import MeanSE, PairedDiff, clustered_bootstrap_interval, mean_se, paired_difference  # noqa: E402
+from mimi.core.errors import ConfigError  # noqa: E402
+from mimi.core.files import atomic_write, atomic_write_text  # noqa: E402
+from mimi.reporting.run_report import _block_grid, human, save_size_grid  # noqa: E402
+from mimi.reporting.stats import MeanSE, PairedDiff, clustered_bootstrap_interval, mean_se, paired_difference  # noqa: E402
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 

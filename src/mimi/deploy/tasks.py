@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import AdapterConfig
-from ..backbones import IMPORTERS
-from ..checkpoint import load_tensors, read_metadata
-from ..errors import CheckpointError, ConfigError
+from mimi.backbones import IMPORTERS
+from mimi.core.adapters import AdapterConfig
+from mimi.core.errors import CheckpointError, ConfigError
+from mimi.core.taskfile import load_tensors, read_metadata
 
 #: Methods whose tasks leave the backbone untouched (what a bank can serve).
 SERVABLE = ("mimi", "mimi-oneshot", "adapter", "adaptformer", "linear", "lora", "mimi-lora")
