@@ -21,6 +21,8 @@ venv install: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	# the layering of pyproject.toml's [tool.importlinter] contracts: a broken contract fails `make test`
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest

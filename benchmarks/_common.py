@@ -207,7 +207,7 @@ def build(name: str, args: argparse.Namespace) -> nn.Module:
             from mimi.methods import get_method
 
             cfg = TrainConfig(model=args.model, data="x", method="peft-lora", method_kwargs={"rank": rank})
-            model = get_method("peft-lora").prepare(model, cfg, total_steps=100)
+            model = get_method("peft-lora").prepare_from_config(model, cfg, total_steps=100)
     else:
         raise ValueError(f"unknown contender {name!r}")
     return model.to(args.device).train()

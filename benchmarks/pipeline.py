@@ -25,9 +25,10 @@ from _common import machine, write_record
 
 from mimi.backbones import create_backbone, preprocessing
 from mimi.core.adapters import AdapterConfig, add_adapters
+from mimi.core.device import resolve_device
 from mimi.core.shrink import apply_plan
 from mimi.data import build_task
-from mimi.training.engine import StepContext, loader, make_optimizer, resolve_device, train_epoch, warmup_cosine
+from mimi.training.engine import StepContext, loader, make_optimizer, train_epoch, warmup_cosine
 
 RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = RESULTS / "minivtab" / "fashion_mnist__mimi__budgetdim3__s0.json"

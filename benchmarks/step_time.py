@@ -28,7 +28,7 @@ VARIANTS = {
 def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model, _ = create_backbone(args.model, weights="none", img_size=args.img_size, num_classes=10)
     cfg = TrainConfig(model=args.model, data="x", **VARIANTS[name])
-    model = get_method(cfg.method).prepare(model, cfg, total_steps=100)
+    model = get_method(cfg.method).prepare_from_config(model, cfg, total_steps=100)
     return model.train(), make_optimizer(model, lr=1e-3, weight_decay=0.05)
 
 

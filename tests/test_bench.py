@@ -205,7 +205,9 @@ def test_queue_sets_the_order_and_is_reread_before_every_run(tmp_path, monkeypat
     monkeypatch.setattr(bench, "run_one", fake_run_one)
     assert main(["bench", str(spec_path), "--quiet", "--no-report", "--queue", str(queue)]) == 0
     assert started == ["toy__linear__s2", "toy__linear__s3", "toy__linear__s0", "toy__linear__s1"]
-    assert capsys.readouterr().out.count("'toy__nothing__s0' is not a run of this spec") == 1  # re-read 3 times
+    assert (
+        capsys.readouterr().err.count("'toy__nothing__s0' is not a run of this spec") == 1
+    )  # re-read 3 times; a log line (stderr)
 
     for f in (tmp_path / "results").glob("*.json"):
         f.unlink()

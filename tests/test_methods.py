@@ -53,7 +53,7 @@ def prepared(method: str, arch: str = "vit", *, total_steps: int = 10, **method_
     backbone = MODELS[arch]().eval()
     reference = copy.deepcopy(backbone)
     m = get_method(method)
-    model = m.prepare(backbone, make_cfg(method, **method_kwargs), total_steps=total_steps)
+    model = m.prepare_from_config(backbone, make_cfg(method, **method_kwargs), total_steps=total_steps)
     return reference, model.eval(), m
 
 
@@ -253,7 +253,10 @@ def test_save_then_restore_gives_identical_logits(method, tmp_path):
 
 
 def test_unknown_method_kwargs_are_rejected():
-    with pytest.raises(ConfigError, match="unknown method_kwargs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"method lora: unknown option\(s\) \['rnk'\]; valid: alpha, budget_params, dropout, rank, targets$",
+    ):
         prepared("lora", rnk=4)
     with pytest.raises(ConfigError, match="not both"):
         prepared("lora", rank=4, budget_params=1000)

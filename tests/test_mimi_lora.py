@@ -24,7 +24,7 @@ def prepared(rank: int = 4, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     model = tiny_vit(num_classes=3).eval()
     cfg = TrainConfig(model="x", data="x", method="mimi-lora", adapter_dim=rank, **kw)
-    return get_method("mimi-lora").prepare(model, cfg, total_steps=1)
+    return get_method("mimi-lora").prepare_from_config(model, cfg, total_steps=1)
 
 
 def test_a_lora_update_per_linear_layer_starting_at_zero():
@@ -49,17 +49,17 @@ def test_merged_logits_equal_unmerged_and_rank_zero_layers_unwrapped():
         for _, a in adapters(model):
             a.up.weight.copy_(torch.randn(a.up.weight.shape, generator=g) * 0.2)
     names = [n for n, _ in adapters(model)]
-    mimi.prune(model, budget=mimi.adapter_param_count(model) // 3, method="lora-norm")
+    mimi.prune(model, budget=mimi.adapter_param_count(model) // 3, score="lora-norm")
     sizes = {n: a.hidden_dim for n, a in adapters(model)}
     assert len(set(sizes.values())) > 1 or len(sizes) < len(names)  # uneven ranks
     # a layer pruned to rank 0 is a plain nn.Linear again
-    mimi.prune(model, budget=0, method="mimi")
+    mimi.prune(model, budget=0, score="mimi")
     assert adapters(model) == [] and not any(isinstance(m, AdaptedBranch) for m in model.modules())
     model = prepared(rank=4)
     with torch.no_grad():
         for _, a in adapters(model):
             a.up.weight.copy_(torch.randn(a.up.weight.shape, generator=g) * 0.2)
-    mimi.prune(model, budget=mimi.adapter_param_count(model) // 2, method="mimi")
+    mimi.prune(model, budget=mimi.adapter_param_count(model) // 2, score="mimi")
     x = torch.randn(3, 3, 32, 32)
     merged = merge_linear_adapters(copy.deepcopy(model))
     assert not any(isinstance(m, AdaptedBranch) for m in merged.modules())

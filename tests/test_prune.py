@@ -25,7 +25,7 @@ def test_prune_keeps_exactly_the_global_top_k(factory):
     model = _adapted(factory)
     scores = mimi.score_neurons(model, "mimi")
     budget = mimi.adapter_param_count(model) // 3
-    sizes = mimi.prune(model, budget=budget, method="mimi")
+    sizes = mimi.prune(model, budget=budget, score="mimi")
     kept = {(n, int(i)) for n, a in mimi.adapters(model) for i in a.neuron_ids}
     ranked = sorted(((float(s), n, j) for n, v in scores.items() for j, s in enumerate(v)), key=lambda t: -t[0])
     top = {(n, j) for _, n, j in ranked[: len(kept)]}
@@ -50,7 +50,7 @@ def test_pruning_inert_neurons_keeps_outputs():
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
     budget = sum(a.num_params(4) for _, a in mimi.adapters(model))
-    sizes = mimi.prune(model, budget=budget, method="mimi")
+    sizes = mimi.prune(model, budget=budget, score="mimi")
     assert set(sizes.values()) == {4}
     assert torch.allclose(model(x), before, atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_adapter_with_no_neuron_is_removed_and_outputs_follow():
     x = torch.randn(1, 3, 32, 32)
     before = model(x)
     budget = mimi.adapter_param_count(model) - dead.num_params()
-    sizes = mimi.prune(model, budget=budget, method="mimi")
+    sizes = mimi.prune(model, budget=budget, score="mimi")
     assert names[0] not in sizes and len(sizes) == len(names) - 1
     assert names[0] not in dict(mimi.adapters(model))
     assert torch.allclose(model(x), before, atol=1e-6)
@@ -77,7 +77,7 @@ def test_magnitude_removes_the_same_fraction_everywhere():
     model = _adapted(h=8)
     scores = mimi.score_neurons(model, "magnitude")
     budget = sum(a.num_params(3) for _, a in mimi.adapters(model))
-    sizes = mimi.prune(model, budget=budget, method="magnitude")
+    sizes = mimi.prune(model, budget=budget, score="magnitude")
     assert set(sizes.values()) == {3}
     for n, a in mimi.adapters(model):
         assert set(a.neuron_ids.tolist()) == set(torch.topk(scores[n], 3).indices.tolist())

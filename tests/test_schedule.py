@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from conftest import randomize_adapters, tiny_vit
@@ -33,8 +35,26 @@ def test_steps_shrink_monotonically_to_budget():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(budget=-1), dict(budget=10, rho=0.0), dict(budget=10, rho=1.5), dict(budget=10, method="nope")]
+    "kwargs", [dict(budget=-1), dict(budget=10, rho=0.0), dict(budget=10, rho=1.5), dict(budget=10, score="nope")]
 )
 def test_bad_pruner_config(kwargs):
     with pytest.raises(mimi.ConfigError):
         mimi.MiMiPruner(**kwargs)
+
+
+def test_the_old_method_keyword_warns_and_still_works():
+    with pytest.warns(DeprecationWarning, match=r"MiMiPruner\(method=...\) is deprecated") as record:
+        pruner = mimi.MiMiPruner(budget=1000, method="random")
+    assert record[0].filename == __file__  # the warning points at the caller
+    assert pruner.score == "random" and pruner.state_dict()["score"] == "random"
+    with pytest.warns(DeprecationWarning, match="read .score"):
+        assert pruner.method == "random"
+
+
+def test_states_saved_before_the_rename_resume_without_a_warning():
+    old = {"budget": 1000, "rho": 0.5, "method": "magnitude", "seed": 3, "cycle": 2, "history": [{"cycle": 1}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner = mimi.MiMiPruner.from_state_dict(old)
+    assert (pruner.score, pruner.seed, pruner.cycle, pruner.history) == ("magnitude", 3, 2, [{"cycle": 1}])
+    assert "method" not in pruner.state_dict() and old["method"] == "magnitude"  # the caller's dict is untouched

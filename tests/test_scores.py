@@ -67,7 +67,7 @@ def test_random_scores_are_nested_across_prunes():
     first = mimi.score_neurons(model, "random", seed=3)
     assert len(first) == 4 and all(s.numel() == 16 for s in first.values())
     for budget in (mimi.adapter_param_count(model) // 2, mimi.adapter_param_count(model) // 4):
-        sizes = mimi.prune(model, budget=budget, method="random", seed=3)
+        sizes = mimi.prune(model, budget=budget, score="random", seed=3)
         now = mimi.score_neurons(model, "random", seed=3)
         alive = dict(mimi.adapters(model))
         assert sizes == {n: a.hidden_dim for n, a in alive.items()}
@@ -108,3 +108,23 @@ def test_unknown_score_is_rejected():
     model = tiny_vit_with(2)
     with pytest.raises(mimi.ConfigError, match="unknown score"):
         mimi.score_neurons(model, "entropy")
+
+
+def test_the_old_method_keyword_warns_and_still_works():
+    model = tiny_vit_with(4)
+    randomize_adapters(model)
+    want = mimi.score_neurons(model, score="magnitude")
+    with pytest.warns(DeprecationWarning, match=r"score_neurons\(method=...\) is deprecated") as record:
+        got = mimi.score_neurons(model, method="magnitude")
+    assert record[0].filename == __file__  # the warning points at the caller, not at mimi
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.warns(DeprecationWarning), pytest.raises(mimi.ConfigError, match="give score= only"):
+        mimi.score_neurons(model, score="random", method="magnitude")
+    budget = mimi.adapter_param_count(model) // 2
+    pruned = tiny_vit_with(4)
+    randomize_adapters(pruned)
+    with pytest.warns(DeprecationWarning, match=r"prune\(method=...\) is deprecated") as record:
+        sizes = mimi.prune(pruned, budget=budget, method="magnitude")
+    assert record[0].filename == __file__
+    randomize_adapters(model)
+    assert mimi.prune(model, budget=budget, score="magnitude") == sizes

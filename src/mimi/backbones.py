@@ -16,6 +16,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from mimi.core.errors import BackboneError, ConfigError
+from mimi.core.modules import classifier
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ def preprocessing(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
 
 def backbone_param_count(model: nn.Module) -> int:
     """Parameters of the bare backbone without its classifier head (call before adding any method)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_params = sum(p.numel() for p in head.parameters()) if isinstance(head, nn.Module) else 0
+    head = classifier(model)
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
     return sum(p.numel() for p in model.parameters()) - head_params
 
 

@@ -14,6 +14,8 @@ Run folder::
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from mimi.config import TrainConfig
@@ -29,14 +31,25 @@ from mimi.training.loop import Trainer
 from mimi.training.run import Run, build_run, preflight
 from mimi.training.state import read_checkpoint, read_json, truncate_metrics
 
+logger = logging.getLogger(__name__)
+
 # ---------------------------------------------------------------- the run
 
 
 # ---------------------------------------------------------------- entry points
 
 
-def train(cfg: TrainConfig, *, log=print) -> list[dict]:
-    """Start a new run in ``cfg.out`` (which must not hold a run already)."""
+def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Start a new run in ``cfg.out`` (which must not hold a run already).
+
+    Args:
+        cfg: the run's configuration.
+        log: receives the run's progress lines (default: the ``mimi.trainer`` and ``mimi.training.loop`` loggers at INFO; the command line
+            shows them on stderr).
+
+    Returns:
+        The run summary: one entry per cycle (parameters, sizes, validation and test accuracy, seconds).
+    """
     out = Path(cfg.out)
     if (out / "config.yaml").exists():
         raise ConfigError(
@@ -72,7 +85,7 @@ def _sha(out: Path) -> str:
     return hashlib.sha256((out / "config.yaml").read_bytes()).hexdigest()
 
 
-def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[dict]:
+def resume(run_dir: str | Path, *, lr: float | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
     """Continue an interrupted run from its last checkpoint; the result equals an unbroken run.
 
     Args:
@@ -92,7 +105,7 @@ def resume(run_dir: str | Path, *, lr: float | None = None, log=print) -> list[d
         )
     cfg = TrainConfig.load(out / "config.yaml")
     world, device = distributed.init(cfg.device)  # any number of processes: the checkpoint is the same for all
-    log = log if world.main else (lambda *a, **k: None)
+    log = (log or logger.info) if world.main else (lambda *a, **k: None)
     if lr is not None and lr != cfg.lr:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "lr": lr})
         log(f"learning rate changed to {lr:g} from here on")

@@ -7,11 +7,13 @@ package versions, times, parameter counts, accuracies) is the only thing `mimi r
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import statistics
 import subprocess
 import time
 import traceback
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,8 @@ from mimi.core.files import atomic_write_json
 
 if TYPE_CHECKING:
     from mimi.bench.spec import BenchRun
+
+logger = logging.getLogger(__name__)
 
 
 def _git_commit() -> str | None:
@@ -71,7 +75,7 @@ def _result(run: BenchRun, summary: list[dict], seconds: float) -> dict[str, Any
     }
 
 
-def run_one(run: BenchRun, results: Path, *, log=print) -> dict[str, Any]:
+def run_one(run: BenchRun, results: Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one run (resuming its folder if a previous attempt was cut) and write its JSON."""
     from mimi import trainer
 
@@ -139,7 +143,7 @@ def read_queue(path: Path, known: set[str], strict: bool, warned: set[str] | Non
     """The run ids listed in a queue file (one per line; blank lines and ``#`` comments skipped), in order.
 
     An id that is not a run of the spec is an error when ``strict`` (at start), else a warning (the file was
-    edited while the workers run), printed once per id in ``warned``.
+    edited while the workers run), logged once per id in ``warned``.
     """
     try:
         lines = path.read_text().splitlines()
@@ -156,7 +160,7 @@ def read_queue(path: Path, known: set[str], strict: bool, warned: set[str] | Non
         )
     for i in unknown:
         if warned is None or i not in warned:
-            print(f"warning: {path}: {i!r} is not a run of this spec, skipped")
+            logger.warning(f"warning: {path}: {i!r} is not a run of this spec, skipped")
         if warned is not None:
             warned.add(i)
     return [i for i in ids if i in known]

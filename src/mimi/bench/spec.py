@@ -29,7 +29,7 @@ from typing import Any
 
 from mimi.config import TrainConfig, load_yaml
 from mimi.core.errors import ConfigError
-from mimi.core.scores import SCORES
+from mimi.core.scores import check_score
 from mimi.methods import get_method
 
 
@@ -90,8 +90,7 @@ class BenchSpec:
                             cfg["out"] = str(Path(self.runs) / rid)
                             checked = TrainConfig.from_dict(cfg)  # validate early: a typo fails before hours of runs
                             get_method(checked.method)
-                            if checked.score not in SCORES:
-                                raise ConfigError(f"unknown score {checked.score!r}; choose one of {sorted(SCORES)}")
+                            check_score(checked.score)
                             runs.append(BenchRun(rid, task, group, label, seed, grid, cfg))
         return runs
 

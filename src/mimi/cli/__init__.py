@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mimi {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log lines (-v: details, -vv: debugging)"
+        "-v", "--verbose", action="count", default=0, dest="log_verbose", help="more log lines (-v: debugging)"
     )
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines (-q: warnings only)")
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0, dest="log_quiet", help="fewer log lines (-q: warnings only)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in commands().values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -82,7 +84,7 @@ def configure_output(verbose: int = 0, quiet: int = 0) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_output(args.verbose, args.quiet)
+    configure_output(args.log_verbose, args.log_quiet)
     try:
         return args.func(args)
     except MimiError as e:

@@ -6,10 +6,6 @@ import argparse
 import re
 from pathlib import Path
 
-from mimi.bench import runner
-from mimi.bench.claims import claim, claimed, release
-from mimi.bench.runner import estimate_seconds, read_queue, status
-from mimi.bench.spec import BenchSpec
 from mimi.cli.command import Command
 from mimi.core.errors import ConfigError
 
@@ -38,6 +34,12 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: mimi.bench.spec loads every method, and `mimi --help` imports this module.
+    from mimi.bench import runner
+    from mimi.bench.claims import claim, claimed, release
+    from mimi.bench.runner import estimate_seconds, read_queue, status
+    from mimi.bench.spec import BenchSpec
+
     spec = BenchSpec.load(args.spec)
     runs = spec.expand()
     every = {r.id for r in runs}  # a queued id of another shard, or outside --only, is skipped, not an error
@@ -94,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if status(results / f"{run.id}.json") == "ok":
                 continue  # finished by another worker between our check and our claim
             print(f"[{len(tried - done)}/{len(runs) - len(done)}] {run.id}")
-            rec = runner.run_one(run, results, log=(lambda s: None) if args.quiet else print)
+            rec = runner.run_one(run, results, log=(lambda s: None) if args.quiet else None)
         finally:
             release(results, run.id)
         failed += rec["status"] != "ok"

@@ -15,14 +15,12 @@ def _info_setup(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from mimi.core.taskfile import load_tensors, read_metadata
+    from mimi.core.taskfile import load_tensors, read_metadata, unit_sizes
 
     path = args.path / "adapters.safetensors" if args.path.is_dir() else args.path
     meta = read_metadata(path)
     tensors = load_tensors(path)
-    sizes = json.loads(meta["sizes"])
-    if "lora" in meta:  # our LoRA: one rank per adapted layer
-        sizes = {name: int(spec["rank"]) for name, spec in json.loads(meta["lora"]).items()}
+    sizes = unit_sizes(json.loads(meta["sizes"]), json.loads(meta.get("lora", "{}")))  # LoRA: a rank per layer
     head = set(json.loads(meta.get("head", "[]")))
     print(f"{path}: {path.stat().st_size:,} bytes on disk")
     if meta.get("model"):  # what it was trained on: what `mimi predict` serves it with by default

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mimi.core.errors import ConfigError, ModelError
+from mimi.core.modules import classifier
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 _ROLES = ("attn", "mlp")
@@ -310,12 +311,10 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         ref = next(block.parameters())
         adapter = new_adapter(site, config, config.hidden_for(site.out_dim), generator)
         adapter = adapter.to(device=ref.device, dtype=ref.dtype)
-        parent_path, _, attr = site.slot.rpartition(".")
-        parent = block.get_submodule(parent_path) if parent_path else block
-        wrapped = AdaptedBranch(
-            getattr(parent, attr), adapter, role=site.role, placement=config.placement, config=config
+        branch = block.get_submodule(site.slot)
+        block.set_submodule(
+            site.slot, AdaptedBranch(branch, adapter, role=site.role, placement=config.placement, config=config)
         )
-        setattr(parent, attr, wrapped)
     freeze_backbone(model, train_norms=config.train_norms)
     return model
 
@@ -325,8 +324,8 @@ def freeze_backbone(model: nn.Module, *, train_norms: bool = False) -> None:
     model.requires_grad_(False)
     for _, adapter in adapters(model):
         adapter.requires_grad_(True)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, nn.Module):
+    head = classifier(model)
+    if head is not None:
         head.requires_grad_(True)
     if train_norms:
         for m in model.modules():
@@ -358,12 +357,13 @@ def adapter_roles(model: nn.Module) -> dict[str, str]:
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Remove one adapter: its wrapper is replaced by the original branch module."""
     wrapper_name = name.removesuffix(".adapter")
-    parent_name, _, attr = wrapper_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    wrapper = getattr(parent, attr)
+    try:
+        wrapper = model.get_submodule(wrapper_name)
+    except AttributeError:
+        wrapper = None
     if not isinstance(wrapper, AdaptedBranch):
         raise ModelError(f"{name!r} is not an adapter of this model")
-    setattr(parent, attr, wrapper.branch)
+    model.set_submodule(wrapper_name, wrapper.branch)
 
 
 @torch.no_grad()
@@ -385,8 +385,7 @@ def merge_linear_adapters(model: nn.Module) -> nn.Module:
             if merged.bias is None:
                 merged.bias = nn.Parameter(torch.zeros_like(merged.weight[:, 0]), requires_grad=False)
             merged.bias += a.scale * shift.to(merged.bias.dtype)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, merged)
+        model.set_submodule(name, merged)
     return model
 
 

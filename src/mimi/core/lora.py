@@ -86,8 +86,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` of ``model`` by its merged ``nn.Linear`` (in place; returns ``model``)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())
+            model.set_submodule(name, module.merged())
     return model
 
 
@@ -168,9 +167,8 @@ def apply_lora_layout(
             raise ModelError(f"LoRA layer {name!r} does not exist in {type(model).__name__}") from e
         if not isinstance(layer, nn.Linear):
             raise ModelError(f"LoRA layer {name!r} is a {type(layer).__name__}, not an nn.Linear")
-        parent_name, _, attr = name.rpartition(".")
         wrapped = LoRALinear(layer, int(spec["rank"]), spec.get("alpha"), dropout=dropout, generator=generator)
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
+        model.set_submodule(name, wrapped)
     freeze_backbone(model)
     for m in model.modules():
         if isinstance(m, LoRALinear):

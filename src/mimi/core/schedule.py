@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 
 from torch import nn
 
 from mimi.core.adapters import adapter_param_count
 from mimi.core.errors import ConfigError
-from mimi.core.scores import SCORES, GradientAccumulator
+from mimi.core.scores import GradientAccumulator, check_score, renamed_score_arg
 from mimi.core.shrink import prune
 
 
@@ -24,24 +25,27 @@ class MiMiPruner:
     Args:
         budget: adapter parameters allowed at the end (head excluded).
         rho: fraction removed per cycle, in (0, 1]; ``rho=1`` is one-shot pruning straight to the budget.
-        method: neuron score (see :data:`mimi.scores.SCORES`).
+        score: neuron score (see :func:`mimi.core.scores.score_names`).
         seed: seed of the ``random`` score.
+        method: deprecated name of ``score`` (keyword only).
     """
 
     budget: int
     rho: float = 0.5
-    method: str = "mimi"
+    score: str = "mimi"
     seed: int = 0
     cycle: int = 0
     history: list[dict] = field(default_factory=list)
+    method: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, method: str | None) -> None:
+        # stacklevel 4: renamed_score_arg <- __post_init__ <- the generated __init__ <- the caller
+        self.score = renamed_score_arg(self.score, method, caller="MiMiPruner", stacklevel=4)
         if not isinstance(self.budget, int) or self.budget < 0:
             raise ConfigError(f"MiMiPruner: budget must be a non-negative integer, got {self.budget!r}")
         if not 0.0 < self.rho <= 1.0:
             raise ConfigError(f"MiMiPruner: rho must be in (0, 1], got {self.rho!r}")
-        if self.method not in SCORES:
-            raise ConfigError(f"MiMiPruner: unknown score {self.method!r}; choose one of {sorted(SCORES)}")
+        check_score(self.score)
 
     def next_target(self, current: int) -> int | None:
         """Parameter target of the next cut given the current adapter parameter count; None when done."""
@@ -66,7 +70,7 @@ class MiMiPruner:
         target = self.next_target(before)
         if target is None:
             raise ConfigError("MiMiPruner.step: the budget is already met; check done() first")
-        sizes = prune(model, budget=target, method=self.method, seed=self.seed, accumulator=accumulator)
+        sizes = prune(model, budget=target, score=self.score, seed=self.seed, accumulator=accumulator)
         self.cycle += 1
         self.history.append(
             {"cycle": self.cycle, "target": target, "before": before, "after": adapter_param_count(model)}
@@ -77,7 +81,7 @@ class MiMiPruner:
         return {
             "budget": self.budget,
             "rho": self.rho,
-            "method": self.method,
+            "score": self.score,
             "seed": self.seed,
             "cycle": self.cycle,
             "history": list(self.history),
@@ -85,4 +89,20 @@ class MiMiPruner:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> MiMiPruner:
+        """The pruner :meth:`state_dict` saved; also reads states written before the score was named ``score``
+        (key ``"method"``), as run folders from then hold them, without a warning: the user cannot change them."""
+        state = dict(state)
+        if "method" in state:
+            old = state.pop("method")
+            state.setdefault("score", old)
         return cls(**state)
+
+
+def _deprecated_method(self: MiMiPruner) -> str:
+    warnings.warn("MiMiPruner.method is deprecated; read .score", DeprecationWarning, stacklevel=2)
+    return self.score
+
+
+# Set after the dataclass is built: in the class body it would become the default of the ``method`` InitVar, and
+# without it ``pruner.method`` would silently read that default (None).
+MiMiPruner.method = property(_deprecated_method)  # type: ignore[assignment]

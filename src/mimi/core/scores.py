@@ -1,17 +1,26 @@
 """Per-neuron importance scores of adapter hidden neurons, by name.
 
-Every score function maps ``model -> {adapter name: Tensor[hidden_dim]}``; higher means more important.
-``GLOBAL`` scores are compared across adapters with one threshold; local ones rank neurons within each adapter.
+A score function maps one adapter to ``Tensor[hidden_dim]``; higher means more important. Global scores are
+compared across adapters with one threshold; local ones rank neurons within each adapter.
+
+Scores are registered by name in :data:`SCORES`: the built-in ones below, those user code adds with
+:func:`register_score`, and those installed packages declare as entry points of the group ``mimi.scores`` (read on
+the first lookup, see :mod:`mimi.core.plugins`). Every check of a score name goes through :func:`check_score`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from mimi.core import plugins
 from mimi.core.adapters import Adapter, adapters
 from mimi.core.errors import ConfigError
 
@@ -98,7 +107,8 @@ def _gradient(adapter: Adapter, *, name: str, accumulator: GradientAccumulator |
     return accumulator.score(name, adapter)
 
 
-# name -> (per-adapter score function, whether one threshold is shared by all adapters)
+# name -> (per-adapter score function, whether one threshold is shared by all adapters). A function is called as
+# fn(adapter, name=..., seed=..., accumulator=...); register_score adapts functions that take fewer keywords.
 SCORES: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "mimi": (lambda a, **_: mimi_score(a), True),
     "mimi-weighted": (lambda a, **_: mimi_weighted_score(a), True),
@@ -109,35 +119,143 @@ SCORES: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "gradient": (lambda a, *, name, accumulator=None, **_: _gradient(a, name=name, accumulator=accumulator), True),
 }
 
+#: The keywords every score function may receive besides the adapter.
+SCORE_KWARGS = ("name", "seed", "accumulator")
 
-def is_global(method: str) -> bool:
+
+def _accepting(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` called with only the keywords of :data:`SCORE_KWARGS` it declares (all of them if it takes ``**kw``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: pass everything
+        return fn
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return fn
+    named = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted = named & set(SCORE_KWARGS)
+
+    @functools.wraps(fn)
+    def call(adapter: Adapter, **kw: Any) -> torch.Tensor:
+        return fn(adapter, **{k: v for k, v in kw.items() if k in accepted})
+
+    return call
+
+
+def register_score(
+    name: str, fn: Callable[..., torch.Tensor], *, global_: bool = True, replace: bool = False
+) -> Callable[..., torch.Tensor]:
+    """Make ``fn`` available as the neuron score ``name`` (``--score name``, ``score_neurons(model, name)``).
+
+    Args:
+        name: the score's name.
+        fn: ``fn(adapter, *, name, seed, accumulator) -> Tensor[hidden_dim]``, higher meaning more important; it may
+            declare only the keywords it uses (``fn(adapter)`` is fine).
+        global_: True if one threshold over all adapters is meaningful (scores comparable across adapters); False
+            to remove the same fraction of neurons from every adapter.
+        replace: allow replacing a score already registered under ``name``.
+
+    Returns:
+        ``fn`` itself, so that it can be used as ``register_score("x", fn)`` inline.
+
+    Raises:
+        ConfigError: if ``name`` is taken (and ``replace`` is False) or ``fn`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_score: the name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ConfigError(f"register_score: score {name!r} must be callable, got {type(fn).__name__}")
+    if name in SCORES and not replace:
+        raise ConfigError(f"score {name!r} is already registered; pass replace=True to replace it")
+    SCORES[name] = (_accepting(fn), bool(global_))
+    return fn
+
+
+def unregister_score(name: str) -> None:
+    """Remove the score ``name`` (no error if there is none)."""
+    SCORES.pop(name, None)
+
+
+def _add_plugin(name: str, obj: Any) -> None:
+    """An entry point of ``mimi.scores``: a score callable (global), or a ``(callable, is_global)`` pair."""
+    if isinstance(obj, tuple) and len(obj) == 2 and callable(obj[0]):
+        register_score(name, obj[0], global_=bool(obj[1]))
+    elif callable(obj):
+        register_score(name, obj)
+    else:
+        raise ConfigError(f"a mimi.scores entry point must be a callable or a (callable, is_global) pair, got {obj!r}")
+
+
+def score_names() -> list[str]:
+    """Every registered score name, installed plugins included, sorted."""
+    plugins.load_entry_points(plugins.SCORES_GROUP, _add_plugin)
+    return sorted(SCORES)
+
+
+def check_score(name: str) -> str:
+    """``name`` if it is a registered score (installed plugins included).
+
+    Raises:
+        ConfigError: ``unknown score ...; choose one of ...``.
+    """
+    plugins.load_entry_points(plugins.SCORES_GROUP, _add_plugin)
+    if not isinstance(name, str) or name not in SCORES:
+        raise ConfigError(f"unknown score {name!r}; choose one of {', '.join(sorted(SCORES))}")
+    return name
+
+
+def renamed_score_arg(score: str, method: str | None, *, caller: str, stacklevel: int = 3) -> str:
+    """The score to use when ``caller`` got ``score`` and the deprecated keyword ``method`` (its old name).
+
+    ``stacklevel`` is counted from this function: 3 points at whoever called ``caller``.
+    """
+    if method is None:
+        return score
+    warnings.warn(
+        f"{caller}(method=...) is deprecated; pass score=... (the neuron score's name)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    if score not in ("mimi", method):  # "mimi" is the default: it cannot tell "not given" from "given"
+        raise ConfigError(f"{caller}: got score={score!r} and method={method!r}; give score= only")
+    return method
+
+
+def is_global(score: str) -> bool:
     """Whether the score ranks neurons across adapters (True) or within each adapter (False)."""
-    return _lookup(method)[1]
-
-
-def _lookup(method: str) -> tuple[Callable[..., torch.Tensor], bool]:
-    if method not in SCORES:
-        raise ConfigError(f"unknown score method {method!r}; choose one of {sorted(SCORES)}")
-    return SCORES[method]
+    return SCORES[check_score(score)][1]
 
 
 def score_neurons(
     model: nn.Module,
-    method: str = "mimi",
+    score: str = "mimi",
     *,
     seed: int = 0,
     accumulator: GradientAccumulator | None = None,
+    method: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """One score per hidden neuron of every adapter.
 
     Args:
         model: a model holding adapters.
-        method: one of ``mimi``, ``mimi-weighted``, ``magnitude``, ``global-l1``, ``random``, ``gradient``.
+        score: a registered score name (see :func:`score_names`): ``mimi``, ``mimi-weighted``, ``magnitude``,
+            ``global-l1``, ``lora-norm``, ``random``, ``gradient``, or one added with :func:`register_score`.
         seed: seed of the ``random`` score.
         accumulator: gradients accumulated during training, for the ``gradient`` score.
+        method: deprecated name of ``score``.
 
     Returns:
         ``{adapter name: Tensor[hidden_dim]}`` (float32, on the adapter's device).
+
+    Raises:
+        ConfigError: for an unknown score, or a score function returning the wrong shape.
     """
-    fn, _ = _lookup(method)
-    return {name: fn(a, name=name, seed=seed, accumulator=accumulator).float() for name, a in adapters(model)}
+    score = renamed_score_arg(score, method, caller="score_neurons")
+    fn, _ = SCORES[check_score(score)]
+    out = {}
+    for name, a in adapters(model):
+        s = fn(a, name=name, seed=seed, accumulator=accumulator)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (a.hidden_dim,):
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ConfigError(f"score {score!r} gave {got} for {name}; expected one value per neuron ({a.hidden_dim},)")
+        out[name] = s.float()
+    return out

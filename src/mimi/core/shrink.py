@@ -9,7 +9,7 @@ from torch import nn
 
 from mimi.core.adapters import Adapter, adapters, remove_adapter
 from mimi.core.errors import ConfigError
-from mimi.core.scores import GradientAccumulator, is_global, score_neurons
+from mimi.core.scores import GradientAccumulator, check_score, is_global, renamed_score_arg, score_neurons
 
 
 def _cost(adapter: Adapter, kept: int) -> int:
@@ -74,9 +74,10 @@ def prune(
     model: nn.Module,
     *,
     budget: int,
-    method: str = "mimi",
+    score: str = "mimi",
     seed: int = 0,
     accumulator: GradientAccumulator | None = None,
+    method: str | None = None,
 ) -> dict[str, int]:
     """Physically shrink the adapters so that all adapter parameters together are <= ``budget``.
 
@@ -86,18 +87,20 @@ def prune(
     Args:
         model: a model holding adapters.
         budget: the largest number of adapter parameters allowed (head not included).
-        method: score name (see :func:`mimi.score_neurons`).
+        score: neuron score name (see :func:`mimi.score_neurons`).
         seed: seed of the ``random`` score.
         accumulator: accumulated gradients for the ``gradient`` score.
+        method: deprecated name of ``score``.
 
     Returns:
         The new hidden size of each remaining adapter (removed adapters are absent).
     """
+    score = check_score(renamed_score_arg(score, method, caller="prune"))
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
         raise ConfigError(f"prune: budget must be a non-negative integer number of parameters, got {budget!r}")
     ads = dict(adapters(model))
     if sum(a.num_params() for a in ads.values()) <= budget:
         return {n: a.hidden_dim for n, a in ads.items()}
-    scores = score_neurons(model, method, seed=seed, accumulator=accumulator)
-    plan = plan_global if is_global(method) else plan_local
+    scores = score_neurons(model, score, seed=seed, accumulator=accumulator)
+    plan = plan_global if is_global(score) else plan_local
     return apply_plan(model, plan(ads, scores, budget))

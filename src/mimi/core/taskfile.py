@@ -18,6 +18,7 @@ from mimi.core.adapters import AdapterConfig, adapter_config, adapters, add_adap
 from mimi.core.errors import CheckpointError, ModelError
 from mimi.core.files import atomic_write
 from mimi.core.lora import apply_lora_layout, lora_layout
+from mimi.core.modules import architecture_of, classifier
 from mimi.core.shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
@@ -30,8 +31,8 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def head_param_names(model: nn.Module) -> list[str]:
     """Full names (as in ``model.named_parameters()``) of the trainable classifier-head parameters."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module):
+    head = classifier(model)
+    if head is None:
         return []
     ids = {id(p) for p in head.parameters() if p.requires_grad}
     return sorted(n for n, p in model.named_parameters() if id(p) in ids)
@@ -121,9 +122,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def unit_sizes(sizes: dict[str, int], lora: dict[str, dict]) -> dict[str, int]:
+    """What a task's size map shows: the rank of each LoRA layer where the file holds LoRA layers (``lora``
+    metadata), else the hidden size of each adapter present (``sizes``; a removed adapter is absent)."""
+    if lora:
+        return {name: int(spec["rank"]) for name, spec in lora.items()}
+    return {name: int(h) for name, h in sizes.items()}
+
+
 def check_architecture(model: nn.Module, meta: dict[str, str], path: str | Path) -> None:
     """Refuse a file recorded as made for another timm architecture than ``model`` (when both are known)."""
-    theirs = meta.get("architecture") or (meta["model"].split(".")[0] if meta.get("model") else None)
+    theirs = meta.get("architecture") or architecture_of(meta.get("model"))
     mine = model_architecture(model)
     if theirs and mine and theirs != mine:
         raise CheckpointError(

@@ -31,13 +31,15 @@ from mimi.core.adapters import (
     find_blocks,
     new_adapter,
 )
+from mimi.core.device import resolve_device
 from mimi.core.errors import CheckpointError, ConfigError, DataError, ModelError
 from mimi.core.lora import LoRALinear
-from mimi.core.taskfile import backbone_fingerprint, model_architecture
+from mimi.core.modules import architecture_of
+from mimi.core.taskfile import backbone_fingerprint, model_architecture, unit_sizes
 from mimi.data.base import normalize, to_uint8
 from mimi.deploy.routing import BankSite, Router
-from mimi.deploy.tasks import SERVABLE, TaskFile, read_task_file, serving_backbone
-from mimi.training.engine import resolve_device
+from mimi.deploy.tasks import TaskFile, read_task_file, serving_backbone
+from mimi.methods import servable_methods
 
 
 def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
@@ -59,11 +61,6 @@ def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
         except ModelError:  # a layer not every block has: no task trained with add_adapters can use it
             continue
     return sites
-
-
-def architecture(name: str | None) -> str | None:
-    """timm architecture of a model name (the part before a pretrained tag: ``vit_base_patch16_224``)."""
-    return name.split(".")[0] if name else None
 
 
 @dataclass
@@ -123,7 +120,7 @@ class AdapterBank:
         self.img_size = model_img_size(model)
         self.mean, self.std = preprocessing(model)
         self.num_features = int(getattr(model, "num_features", 0))
-        self.architecture = model_architecture(model) or architecture(self.name)
+        self.architecture = model_architecture(model) or architecture_of(self.name)
         self.fingerprint = backbone_fingerprint(model)
         self._router = Router()
         # The bare backbone's structure, recorded before any wrapping: where adapters and LoRA updates can go.
@@ -214,7 +211,6 @@ class AdapterBank:
         out = {}
         for task, entry in self._tasks.items():
             f = entry.file
-            sizes = f.sizes if f.adapter_config is not None else {n: int(s["rank"]) for n, s in f.lora.items()}
             cfg = f.adapter_config
             n_sites = sum(s.role in cfg.targets for s in self._sites[cfg.placement].values()) if cfg else 0
             out[task] = {
@@ -226,7 +222,7 @@ class AdapterBank:
                 "stored_dtype": f.stored_dtype,
                 "classes": f.num_classes,
                 "class_names": f.classes,
-                "sizes": sizes,
+                "sizes": unit_sizes(f.sizes, f.lora),
                 "removed_adapters": n_sites - len(f.sizes),
                 "path": str(f.path),
             }
@@ -252,7 +248,7 @@ class AdapterBank:
             if own is None or own.shape != t.shape or not torch.equal(own, t.to(own.device, own.dtype)):
                 raise CheckpointError(
                     f"{f.path}: the task trained {name!r}, a tensor of the backbone itself; a bank shares one frozen "
-                    f"backbone and serves tasks of {', '.join(SERVABLE)} (evaluate this one with `mimi eval`)"
+                    f"backbone and serves tasks of {', '.join(servable_methods())} (evaluate this one with `mimi eval`)"
                 )
         weight = f.head["weight"]
         if weight.shape[1] != self.num_features:

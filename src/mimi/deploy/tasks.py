@@ -18,10 +18,9 @@ import torch
 from mimi.backbones import IMPORTERS
 from mimi.core.adapters import AdapterConfig
 from mimi.core.errors import CheckpointError, ConfigError
+from mimi.core.modules import architecture_of
 from mimi.core.taskfile import load_tensors, read_metadata
-
-#: Methods whose tasks leave the backbone untouched (what a bank can serve).
-SERVABLE = ("mimi", "mimi-oneshot", "adapter", "adaptformer", "linear", "lora", "mimi-lora")
+from mimi.methods import method_traits, servable_methods
 
 
 @dataclass
@@ -143,14 +142,16 @@ def read_task_file(path: str | Path) -> TaskFile:
         raise CheckpointError(f"{path}: the task trains the backbone's norms; a bank serves frozen-backbone tasks only")
     adapter_t, lora_t, head, other = _split(path, tensors, trainable, _json(meta, "head", []), sizes, lora)
     method = meta.get("method") or _infer_method(config, lora)
-    if method not in SERVABLE:
-        raise CheckpointError(f"{path}: method {method!r} cannot be served by a bank; servable: {', '.join(SERVABLE)}")
+    traits = method_traits(method)
+    if traits is None or not traits.servable:
+        why = "is not installed here" if traits is None else "cannot be served by a bank"
+        raise CheckpointError(f"{path}: method {method!r} {why}; servable: {', '.join(servable_methods())}")
     img = meta.get("img_size", "")
     return TaskFile(
         path=path,
         method=method,
         model=meta.get("model") or None,
-        architecture=meta.get("architecture") or (meta["model"].split(".")[0] if meta.get("model") else None),
+        architecture=meta.get("architecture") or architecture_of(meta.get("model")),
         fingerprint=meta.get("backbone_fingerprint") or None,
         img_size=int(img) if img.isdigit() else None,
         classes=_json(meta, "classes", None),

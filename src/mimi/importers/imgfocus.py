@@ -28,6 +28,7 @@ from torch import nn
 
 from mimi.core.errors import BackboneError
 from mimi.core.files import atomic_write
+from mimi.core.modules import classifier
 
 if TYPE_CHECKING:
     import onnx
@@ -349,8 +350,8 @@ def onnx_backbone_output(onnx_path: Path, images: np.ndarray) -> np.ndarray:
 
 def _classifier_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the model's classifier head: the weight file has none, so they keep their initialisation."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module):
+    head = classifier(model)
+    if head is None:
         return set()
     prefix = next((n for n, m in model.named_modules() if m is head), None)
     return {f"{prefix}.{k}" for k in head.state_dict()} if prefix else set()

@@ -7,17 +7,15 @@ LoRA-style peers can be matched to a MiMi parameter budget.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from mimi.core.adapters import AdapterConfig, add_adapters, uniform_adapter_params
+from mimi.core.adapters import AdapterConfig, add_adapters
 from mimi.core.errors import ConfigError
 from mimi.core.lora import DEFAULT_TARGETS, LoRALinear, add_lora, lora_param_count, lora_params_per_rank
-from mimi.methods.base import Method, method_kwargs, register
-
-if TYPE_CHECKING:
-    from mimi.config import TrainConfig
+from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register, run_flag
 
 DEFAULT_RANK = 8
 MIMI_LORA_RANK = 16  # starting rank of mimi-lora, pruned down to the budget
@@ -37,38 +35,55 @@ def lora_rank_for_budget(
     return max(1, int(budget_params / per_rank + 0.5))  # round half up, not Python's banker's rounding
 
 
-def run_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
-    """The run's adapter-parameter budget (``--budget-params``, or ``--budget-dim`` as uniform adapters)."""
-    if cfg.budget_dim is not None:
-        return uniform_adapter_params(model, cfg.budget_dim)
-    return cfg.budget_params
+def check_rank(name: str, rank: Any) -> None:
+    """Raise unless ``rank`` (the option ``name``) is None or a positive integer."""
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ConfigError(f"{name} must be a positive integer, got {rank!r}")
 
 
 def resolve_rank(
-    cfg: TrainConfig,
     model: nn.Module,
+    ctx: PrepareContext,
     *,
     rank: int | None,
     budget_params: int | None,
+    adapter_dim: int | None,
     targets: Sequence[str],
     extra_per_rank: int = 0,
 ) -> int:
-    """Rank from, in order: an explicit ``rank``, a parameter budget, ``cfg.adapter_dim``, else 8.
+    """Rank from, in order: an explicit ``rank``, a parameter budget, ``adapter_dim``, else 8.
 
-    The budget is ``method_kwargs["budget_params"]``, else the run's ``--budget-params`` / ``--budget-dim``
-    (the parameter count of uniform sequential adapters of that size): this is how peers are matched to MiMi.
+    The budget is the option ``budget_params``, else the run's (``ctx.budget``: ``--budget-params``, or
+    ``--budget-dim`` as the parameter count of uniform sequential adapters of that size): this is how peers are
+    matched to MiMi. The options' own checks have refused ``rank`` together with ``budget_params``.
     """
-    if budget_params is None and rank is None:
-        budget_params = run_budget(cfg, model)
-    if rank is not None and budget_params is not None:
-        raise ConfigError(f"method {cfg.method}: give rank or budget_params in method_kwargs, not both")
     if rank is not None:
-        if not isinstance(rank, int) or rank < 1:
-            raise ConfigError(f"method {cfg.method}: rank must be a positive integer, got {rank!r}")
         return rank
+    if budget_params is None:
+        budget_params = ctx.budget
     if budget_params is not None:
         return lora_rank_for_budget(model, budget_params, targets, extra_per_rank=extra_per_rank)
-    return cfg.adapter_dim if cfg.adapter_dim is not None else DEFAULT_RANK
+    return adapter_dim if adapter_dim is not None else DEFAULT_RANK
+
+
+@dataclass
+class LoRAOptions(MethodOptions):
+    """Options of ``lora``: the rank comes from ``rank``, else a budget, else ``--adapter-dim``, else 8."""
+
+    rank: int | None = option(None, "rank of every update (default: from the budget, else --adapter-dim, else 8)")
+    alpha: float | None = option(None, "scale = alpha / rank (default: alpha = rank, scale 1)")
+    targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers of every block that get an update")
+    dropout: float = option(0.0, "dropout on the input of the updates")
+    budget_params: int | None = option(None, "pick the rank whose parameters (head excluded) are closest to this")
+    adapter_dim: int | None = run_flag(None, "the rank when neither rank nor a budget is given")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank is not None and self.budget_params is not None:
+            raise ConfigError("give rank or budget_params in method_kwargs, not both")
+        check_rank("rank", self.rank)
+        if self.budget_params is not None and self.budget_params < 0:
+            raise ConfigError(f"budget_params must be >= 0, got {self.budget_params}")
 
 
 @register("lora")
@@ -76,14 +91,20 @@ class LoRA(Method):
     description = (
         "LoRA (ours): rank-r updates on qkv/proj/fc1/fc2 of every block; rank from method_kwargs or --adapter-dim"
     )
+    traits = Traits(servable=True, size_unit="rank", budget_sets="rank")
+    Options = LoRAOptions
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
-        kw = method_kwargs(
-            cfg, {"rank": None, "alpha": None, "targets": list(DEFAULT_TARGETS), "dropout": 0.0, "budget_params": None}
+    def prepare(self, model: nn.Module, options: LoRAOptions, ctx: PrepareContext) -> nn.Module:
+        targets = tuple(options.targets)
+        rank = resolve_rank(
+            model,
+            ctx,
+            rank=options.rank,
+            budget_params=options.budget_params,
+            adapter_dim=options.adapter_dim,
+            targets=targets,
         )
-        targets = tuple(kw["targets"])
-        rank = resolve_rank(cfg, model, rank=kw["rank"], budget_params=kw["budget_params"], targets=targets)
-        return add_lora(model, rank=rank, alpha=kw["alpha"], targets=targets, dropout=kw["dropout"], seed=cfg.seed)
+        return add_lora(model, rank=rank, alpha=options.alpha, targets=targets, dropout=options.dropout, seed=ctx.seed)
 
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -95,32 +116,49 @@ class LoRA(Method):
         }
 
 
+@dataclass
+class MiMiLoRAOptions(MethodOptions):
+    """Options of ``mimi-lora``: the starting rank is ``rank``, else ``--adapter-dim``, else 16."""
+
+    rank: int | None = option(None, "starting rank of every update, pruned down to the budget (default 16)")
+    alpha: float | None = option(None, "scale = alpha / starting rank (default: alpha = starting rank, scale 1)")
+    targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers of every block that get an update")
+    adapter_dim: int | None = run_flag(None, "the starting rank when rank is not given")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rank("the starting rank", self.start_rank)
+
+    @property
+    def start_rank(self) -> int:
+        # `or`, not `is None`: a rank of 0 has always meant "the default" here
+        return self.rank or self.adapter_dim or MIMI_LORA_RANK
+
+
 @register("mimi-lora")
 class MiMiLoRA(Method):
     description = (
         "MiMi over LoRA ranks: rank-16 updates on qkv/proj/fc1/fc2, rank-1 components pruned (--score mimi or "
         "lora-norm) to --budget-params, retrained after every cut"
     )
-    prunes = True
+    traits = Traits(prunes=True, servable=True, size_unit="rank")
+    Options = MiMiLoRAOptions
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, options: MiMiLoRAOptions, ctx: PrepareContext) -> nn.Module:
         """A LoRA update ``scale * B A x`` is a linear adapter: parallel, no activation, no bias, on an nn.Linear.
 
         Written that way, MiMi's scores, physical pruning (row j of A with column j of B), budgets, checkpoints
         and the bank apply to it unchanged; a layer pruned to rank 0 gets its plain nn.Linear back.
         """
-        kw = method_kwargs(cfg, {"rank": None, "alpha": None, "targets": list(DEFAULT_TARGETS)})
-        rank = kw["rank"] or cfg.adapter_dim or MIMI_LORA_RANK
-        if not isinstance(rank, int) or rank < 1:
-            raise ConfigError(f"method mimi-lora: the starting rank must be a positive integer, got {rank!r}")
-        alpha = float(kw["alpha"] if kw["alpha"] is not None else rank)
+        rank = options.start_rank
+        alpha = float(options.alpha if options.alpha is not None else rank)
         config = AdapterConfig(
             hidden_dim=rank,
             placement="parallel",
             act="identity",
             bias=False,
             scale=alpha / rank,  # fixed at the starting rank: pruning a component does not rescale the others
-            targets=tuple(kw["targets"]),
-            init_seed=cfg.seed,
+            targets=tuple(options.targets),
+            init_seed=ctx.seed,
         )
         return add_adapters(model, config)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,38 +24,10 @@ from torch import nn
 from mimi.core.adapters import find_blocks
 from mimi.core.errors import ConfigError, ModelError
 from mimi.core.lora import DEFAULT_TARGETS, lora_targets
-from mimi.methods.base import Method, method_kwargs, register
-from mimi.methods.lora import resolve_rank
-
-if TYPE_CHECKING:
-    from mimi.config import TrainConfig
+from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register, run_flag
+from mimi.methods.lora import check_rank, resolve_rank
 
 ADAPTER = "default"  # PEFT's adapter name
-
-# method_kwargs and their defaults (None: derived, see the methods). budget_params picks the rank from a parameter
-# budget (head excluded), to match a MiMi run.
-LORA_OPTIONS: dict[str, Any] = {
-    "rank": None,  # alias: r; default --adapter-dim, else 8
-    "r": None,
-    "alpha": None,  # default: rank (scaling 1)
-    "targets": list(DEFAULT_TARGETS),
-    "dropout": 0.0,
-    "budget_params": None,
-}
-ADALORA_OPTIONS: dict[str, Any] = {
-    "init_r": None,  # default: 1.5 * target_r, PEFT's 12 / 8 ratio
-    "target_r": None,  # default: init_r / 1.5, else --adapter-dim, else 8
-    "alpha": None,  # default: init_r (scaling 1)
-    "targets": list(DEFAULT_TARGETS),
-    "dropout": 0.0,
-    "tinit": None,  # default: 10% of the steps
-    "tfinal": None,  # default: 20% of the steps
-    "deltaT": 10,
-    "beta1": 0.85,
-    "beta2": 0.85,
-    "orth_reg_weight": 0.5,
-    "budget_params": None,  # sets target_r: ranks cost in + out + 1 parameters each
-}
 
 
 def _peft():
@@ -113,26 +86,55 @@ def trainable_without_head(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
 
 
-def _rank_kw(cfg: TrainConfig, kw: dict[str, Any]) -> int | None:
-    if kw["rank"] is not None and kw["r"] is not None:
-        raise ConfigError(f"method {cfg.method}: give rank or r in method_kwargs, not both")
-    return kw["rank"] if kw["rank"] is not None else kw["r"]
+@dataclass
+class PeftLoRAOptions(MethodOptions):
+    """Options of ``peft-lora``. ``budget_params`` picks the rank from a parameter budget (head excluded), to match
+    a MiMi run."""
+
+    rank: int | None = option(None, "LoRA rank r (default: from the budget, else --adapter-dim, else 8)")
+    r: int | None = option(None, "alias of rank (PEFT's name)")
+    alpha: float | None = option(None, "PEFT's lora_alpha (default: rank, scaling 1)")
+    targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers of every block that get an update")
+    dropout: float = option(0.0, "PEFT's lora_dropout")
+    budget_params: int | None = option(None, "pick the rank whose parameters (head excluded) are closest to this")
+    adapter_dim: int | None = run_flag(None, "the rank when neither rank nor a budget is given")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank is not None and self.r is not None:
+            raise ConfigError("give rank or r in method_kwargs, not both")
+        if self.the_rank is not None and self.budget_params is not None:
+            raise ConfigError("give rank or budget_params in method_kwargs, not both")
+        check_rank("rank", self.the_rank)
+
+    @property
+    def the_rank(self) -> int | None:
+        """``rank``, or its alias ``r``."""
+        return self.rank if self.rank is not None else self.r
 
 
 @register("peft-lora")
 class PeftLoRA(Method):
     description = "Hugging Face PEFT LoRA on qkv/proj/fc1/fc2 of every block (the head in modules_to_save)"
+    traits = Traits(size_unit="rank", budget_sets="rank")
+    Options = PeftLoRAOptions
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, options: PeftLoRAOptions, ctx: PrepareContext) -> nn.Module:
         peft = _peft()
-        kw = method_kwargs(cfg, LORA_OPTIONS)
-        targets = tuple(kw["targets"])
-        rank = resolve_rank(cfg, model, rank=_rank_kw(cfg, kw), budget_params=kw["budget_params"], targets=targets)
+        targets = tuple(options.targets)
+        rank = resolve_rank(
+            model,
+            ctx,
+            rank=options.the_rank,
+            budget_params=options.budget_params,
+            adapter_dim=options.adapter_dim,
+            targets=targets,
+        )
         head = head_name(model)
         config = peft.LoraConfig(
             r=rank,
-            lora_alpha=rank if kw["alpha"] is None else kw["alpha"],  # alpha = rank: scaling 1, as our `lora`
-            lora_dropout=kw["dropout"],
+            lora_alpha=rank if options.alpha is None else options.alpha,  # alpha = rank: scaling 1, as our `lora`
+            lora_dropout=options.dropout,
             target_modules=target_regex(model, targets),
             modules_to_save=[head] if head else None,
         )
@@ -161,6 +163,33 @@ def _schedule(total_steps: int, tinit: int | None, tfinal: int | None) -> tuple[
     return tinit, tfinal
 
 
+@dataclass
+class PeftAdaLoRAOptions(MethodOptions):
+    """Options of ``peft-adalora`` (None: derived, see the help). ``budget_params`` sets the final budget:
+    ``target_r`` ranks of ``in + out + 1`` parameters each."""
+
+    init_r: int | None = option(None, "starting rank of every layer (default: 1.5 * target_r, PEFT's 12 / 8)")
+    target_r: int | None = option(None, "average final rank (default: init_r / 1.5, else the budget, else 8)")
+    alpha: float | None = option(None, "PEFT's lora_alpha (default: init_r, scaling 1)")
+    targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers of every block that get an update")
+    dropout: float = option(0.0, "PEFT's lora_dropout")
+    tinit: int | None = option(None, "warm-up steps before ranks are pruned (default: 10% of the steps)")
+    tfinal: int | None = option(None, "final steps at the final ranks (default: 20% of the steps)")
+    deltaT: int = option(10, "steps between two rank allocations")
+    beta1: float = option(0.85, "EMA factor of the importance (PEFT's beta1)")
+    beta2: float = option(0.85, "EMA factor of the uncertainty (PEFT's beta2)")
+    orth_reg_weight: float = option(0.5, "weight of the orthogonality penalty on A and B")
+    budget_params: int | None = option(None, "pick target_r from this parameter budget (head excluded)")
+    adapter_dim: int | None = run_flag(None, "target_r when neither ranks nor a budget are given")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_r is not None and self.budget_params is not None:
+            raise ConfigError("give target_r or budget_params in method_kwargs, not both")
+        check_rank("target_r", self.target_r)
+        check_rank("init_r", self.init_r)
+
+
 @register("peft-adalora")
 class PeftAdaLoRA(Method):
     """Hugging Face PEFT AdaLoRA: SVD-form LoRA whose per-layer ranks are pruned from ``init_r`` to ``target_r``.
@@ -177,39 +206,47 @@ class PeftAdaLoRA(Method):
     """
 
     description = "Hugging Face PEFT AdaLoRA: ranks pruned from init_r to an average target_r during training"
+    traits = Traits(size_unit="rank", budget_sets="target_r")
+    Options = PeftAdaLoRAOptions
 
     def __init__(self) -> None:
         self._step = -1
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, options: PeftAdaLoRAOptions, ctx: PrepareContext) -> nn.Module:
         peft = _peft()
-        kw = method_kwargs(cfg, ADALORA_OPTIONS)
-        targets = tuple(kw["targets"])
+        o = options
+        targets = tuple(o.targets)
         # Ranks keep PEFT's default ratio init_r = 1.5 * target_r (12 / 8) when only one of them is given.
         # budget_params sets the FINAL budget: target_r ranks of (in + out + 1) parameters each.
-        target_r = kw["target_r"]
-        if target_r is None and kw["init_r"] is not None and kw["budget_params"] is None:
-            target_r = max(1, round(kw["init_r"] / 1.5))
+        target_r = o.target_r
+        if target_r is None and o.init_r is not None and o.budget_params is None:
+            target_r = max(1, round(o.init_r / 1.5))
         target_r = resolve_rank(
-            cfg, model, rank=target_r, budget_params=kw["budget_params"], targets=targets, extra_per_rank=1
+            model,
+            ctx,
+            rank=target_r,
+            budget_params=o.budget_params,
+            adapter_dim=o.adapter_dim,
+            targets=targets,
+            extra_per_rank=1,
         )
-        init_r = kw["init_r"] if kw["init_r"] is not None else max(target_r + 1, round(1.5 * target_r))
+        init_r = o.init_r if o.init_r is not None else max(target_r + 1, round(1.5 * target_r))
         if not target_r < init_r:
             raise ConfigError(f"peft-adalora: target_r ({target_r}) must be below init_r ({init_r})")
-        tinit, tfinal = _schedule(total_steps, kw["tinit"], kw["tfinal"])
+        tinit, tfinal = _schedule(ctx.total_steps, o.tinit, o.tfinal)
         head = head_name(model)
         config = peft.AdaLoraConfig(
             init_r=init_r,
             target_r=target_r,
-            lora_alpha=init_r if kw["alpha"] is None else kw["alpha"],  # scaling alpha / init_r = 1
-            lora_dropout=kw["dropout"],
-            total_step=total_steps,
+            lora_alpha=init_r if o.alpha is None else o.alpha,  # scaling alpha / init_r = 1
+            lora_dropout=o.dropout,
+            total_step=ctx.total_steps,
             tinit=tinit,
             tfinal=tfinal,
-            deltaT=kw["deltaT"],
-            beta1=kw["beta1"],
-            beta2=kw["beta2"],
-            orth_reg_weight=kw["orth_reg_weight"],
+            deltaT=o.deltaT,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            orth_reg_weight=o.orth_reg_weight,
             target_modules=target_regex(model, targets),
             modules_to_save=[head] if head else None,
         )

@@ -12,17 +12,15 @@ it can be folded into the preceding layer's weights and biases (not done here).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from mimi.core.adapters import freeze_backbone
 from mimi.core.errors import ConfigError, ModelError
-from mimi.methods.base import Method, method_kwargs, register
-
-if TYPE_CHECKING:
-    from mimi.config import TrainConfig
+from mimi.methods.base import Method, MethodOptions, PrepareContext, option, register
 
 
 class SSF(nn.Module):
@@ -125,13 +123,26 @@ def ssf_param_count(model: nn.Module) -> int:
     return sum(m.scale.numel() + m.shift.numel() for m in model.modules() if isinstance(m, SSF))
 
 
+@dataclass
+class SSFOptions(MethodOptions):
+    """Options of ``ssf``."""
+
+    patch_embed: bool = option(True, "also scale and shift the patch embedding's output")
+    init_std: float = option(0.0, "0: start at scale 1, shift 0; > 0: draw N(1, std) / N(0, std) as the SSF code")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_std < 0:
+            raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
+
+
 @register("ssf")
 class ScaleShift(Method):
     description = "SSF: per-channel scale and shift after every Linear, LayerNorm and the patch embedding"
+    Options = SSFOptions
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
-        kw = method_kwargs(cfg, {"patch_embed": True, "init_std": 0.0})
-        return add_ssf(model, patch_embed=kw["patch_embed"], init_std=kw["init_std"], seed=cfg.seed)
+    def prepare(self, model: nn.Module, options: SSFOptions, ctx: PrepareContext) -> nn.Module:
+        return add_ssf(model, patch_embed=options.patch_embed, init_std=options.init_std, seed=ctx.seed)
 
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         return {

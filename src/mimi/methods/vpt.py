@@ -13,17 +13,15 @@ Prompts carry no position embedding, as in VPT. Initialisation follows the VPT c
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from mimi.core.adapters import freeze_backbone
 from mimi.core.errors import ConfigError, ModelError
-from mimi.methods.base import Method, method_kwargs, register
-
-if TYPE_CHECKING:
-    from mimi.config import TrainConfig
+from mimi.methods.base import Method, MethodOptions, PrepareContext, option, register
 
 
 class PromptedBlock(nn.Module):
@@ -99,13 +97,28 @@ def add_prompts(model: nn.Module, *, num_prompts: int = 10, dropout: float = 0.0
     return model
 
 
+@dataclass
+class VPTOptions(MethodOptions):
+    """Options of ``vpt-deep``."""
+
+    num_prompts: int = option(10, "prompt tokens inserted at every block")
+    dropout: float = option(0.0, "dropout on the prompt tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_prompts < 1:
+            raise ConfigError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
 @register("vpt-deep")
 class VPTDeep(Method):
     description = "VPT-deep: num_prompts learnable tokens prepended at every block (ViT family only)"
+    Options = VPTOptions
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, *, total_steps: int) -> nn.Module:
-        kw = method_kwargs(cfg, {"num_prompts": 10, "dropout": 0.0})
-        return add_prompts(model, num_prompts=kw["num_prompts"], dropout=kw["dropout"], seed=cfg.seed)
+    def prepare(self, model: nn.Module, options: VPTOptions, ctx: PrepareContext) -> nn.Module:
+        return add_prompts(model, num_prompts=options.num_prompts, dropout=options.dropout, seed=ctx.seed)
 
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         blocks = [m for m in model.modules() if isinstance(m, PromptedBlock)]

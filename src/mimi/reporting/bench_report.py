@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mimi.core.errors import ConfigError  # noqa: E402
 from mimi.core.files import atomic_write, atomic_write_text  # noqa: E402
-from mimi.reporting.run_report import _block_grid, human, save_size_grid  # noqa: E402
+from mimi.reporting.run_report import _block_grid, human, save_size_grid, size_unit  # noqa: E402
 from mimi.reporting.stats import MeanSE, PairedDiff, clustered_bootstrap_interval, mean_se, paired_difference  # noqa: E402
 
 GROUP_ORDER = ("natural", "specialized", "structured")
@@ -541,7 +541,8 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
 def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path | None:
     """Final size of every pruned unit found by ``method`` (MiMi's adapter hidden sizes, or `mimi-lora`'s
     ranks), per task (one column each)."""
-    unit, what = ("rank", "LoRA ranks") if method == "mimi-lora" else ("hidden size", "adapter sizes")
+    unit = size_unit(method)
+    what = "LoRA ranks" if unit == "rank" else "adapter sizes"
     mimi = [r for r in recs if r["status"] == "ok" and r.get("method") == method and r.get("layout")]
     if not mimi:
         return None

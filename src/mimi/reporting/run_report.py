@@ -127,6 +127,15 @@ def plot_sizes_heatmap(
     return save_size_grid(grid, rows, cols, path, title=title, xlabel="cycle", unit=unit)
 
 
+def size_unit(method: str | None) -> str:
+    """What ``method``'s units are called ("hidden size", "rank"), from its traits; "hidden size" for a name not
+    registered here (a run folder of a plugin method that is not installed)."""
+    from mimi.methods import method_traits  # loads torch: only when a report has sizes to plot
+
+    traits = method_traits(method)
+    return traits.size_unit if traits is not None else "hidden size"
+
+
 def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Path:
     """plots/accuracy_vs_params.png, plots/sizes_heatmap.png and report.md for one run."""
     out = Path(out)
@@ -134,7 +143,7 @@ def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Pa
     title = f"{info.get('data', '')} · {info.get('model', '')}"
     plot_accuracy_vs_params(summary, out / "plots" / "accuracy_vs_params.png", title)
     if layout:
-        unit = "rank" if info.get("method") == "mimi-lora" else "hidden size"
+        unit = size_unit(info.get("method"))
         plot_sizes_heatmap(summary, layout, out / "plots" / "sizes_heatmap.png", title, unit=unit)
     final = summary[-1]
     lines = [

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,14 +31,17 @@ from mimi.training.engine import (
 from mimi.training.run import Run, cycle_epochs, resolve_budget, steps_per_epoch, task_metadata
 from mimi.training.state import Cursor, save_checkpoint
 
+logger = logging.getLogger(__name__)
+
 
 class Trainer:
     """Runs the cycles of one training run; owns the run folder."""
 
-    def __init__(self, run: Run, *, log=print, world: World | None = None) -> None:
+    def __init__(self, run: Run, *, log: Callable[[str], None] | None = None, world: World | None = None) -> None:
+        """``log`` receives one line per epoch, cut and cycle (default: the ``mimi.training.loop`` logger at INFO)."""
         self.world = world or World()
         self.run, self.cfg = run, run.cfg
-        self.log = log if self.world.main else (lambda *a, **k: None)  # only rank 0 speaks
+        self.log = (log or logger.info) if self.world.main else (lambda *a, **k: None)  # only rank 0 speaks
         if self.world.enabled and self.cfg.batch_size % self.world.size:
             raise ConfigError(
                 f"--batch-size {self.cfg.batch_size} is the global batch: make it a multiple of the "
@@ -44,12 +50,12 @@ class Trainer:
         self.net = self._wrap()
         self.budget = resolve_budget(self.cfg, run.model)
         self.pruner: MiMiPruner | None = None
-        if run.method.prunes:
+        if run.method.traits.prunes:
             if self.budget is None:
                 raise ConfigError(f"method {self.cfg.method} needs a budget: pass --budget-params N or --budget-dim H")
-            rho = 1.0 if self.cfg.method == "mimi-oneshot" else self.cfg.rho
-            self.pruner = MiMiPruner(budget=self.budget, rho=rho, method=self.cfg.score, seed=self.cfg.seed)
-        self.acc = GradientAccumulator(run.model) if self.cfg.score == "gradient" and self.pruner else None
+            rho = 1.0 if run.method.traits.one_shot else self.cfg.rho
+            self.pruner = MiMiPruner(budget=self.budget, rho=rho, score=self.cfg.score, seed=self.cfg.seed)
+        self.grad_acc = GradientAccumulator(run.model) if self.cfg.score == "gradient" and self.pruner else None
         self.summary: list[dict] = []
         self.best: dict | None = None  # --select best-val: {"val_acc", "epoch", "state"} of this cycle
         self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
@@ -68,7 +74,7 @@ class Trainer:
 
     def _save_checkpoint(self, opt, step: int) -> None:
         if self.world.main:
-            save_checkpoint(self.run, opt, step, self.position, self.pruner, self.acc, self.best)
+            save_checkpoint(self.run, opt, step, self.position, self.pruner, self.grad_acc, self.best)
 
     # -- optimiser per cycle: rebuilt after every physical prune (new Parameters)
     def _optimizer(self, cycle: int, step: int = 0, state: dict | None = None):
@@ -89,8 +95,8 @@ class Trainer:
     def _context(self, opt, sched) -> StepContext:
         def after_backward(step: int) -> None:
             self.run.method.after_backward(self.run.model, step)
-            if self.acc is not None:
-                self.acc.update()
+            if self.grad_acc is not None:
+                self.grad_acc.update()
 
         return StepContext(
             optimizer=opt,
@@ -269,11 +275,16 @@ class Trainer:
                 if self.pruner is None or self.pruner.done(self.run.model):
                     break
                 if at.cycle > self.cfg.max_cycles:
-                    self.log(f"warning: stopped after --max-cycles {self.cfg.max_cycles} above the budget")
+                    if self.world.main:
+                        warnings.warn(
+                            f"stopped after --max-cycles {self.cfg.max_cycles} above the budget; raise --max-cycles "
+                            "or --rho to reach it",
+                            stacklevel=2,
+                        )
                     break
-                sizes = self.pruner.step(self.run.model, accumulator=self.acc)
-                if self.acc is not None:
-                    self.acc.reset()
+                sizes = self.pruner.step(self.run.model, accumulator=self.grad_acc)
+                if self.grad_acc is not None:
+                    self.grad_acc.reset()
                 # every rank planned the same cut from the same weights; make sure, then re-wrap the new Parameters
                 distributed.check_same(self.world, "the adapters after the prune", ckpt.trained_state(self.run.model))
                 self.net = self._wrap()

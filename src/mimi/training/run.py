@@ -21,16 +21,14 @@ from mimi.backbones import (
     preprocessing,
 )
 from mimi.config import TrainConfig
-from mimi.core.adapters import adapter_param_count, adapter_roles, adapters, uniform_adapter_params
+from mimi.core.adapters import adapter_param_count, adapter_roles, adapters
+from mimi.core.device import autocast_dtype, resolve_device
 from mimi.core.errors import ConfigError
-from mimi.core.scores import SCORES
+from mimi.core.modules import classifier
+from mimi.core.scores import check_score
 from mimi.core.shrink import apply_plan
 from mimi.data import TaskData, build_task
-from mimi.methods import Method, get_method
-from mimi.training.engine import (
-    autocast_dtype,
-    resolve_device,
-)
+from mimi.methods import Method, get_method, parameter_budget
 
 
 @dataclass
@@ -83,8 +81,7 @@ def preflight(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
     method = get_method(cfg.method)
-    if cfg.score not in SCORES:
-        raise ConfigError(f"unknown score {cfg.score!r}; choose one of {', '.join(sorted(SCORES))}")
+    check_score(cfg.score)
     check_weights_source(cfg.weights)
     with torch.device("meta"):  # the architecture alone: no memory, no weights
         model, _ = create_backbone(cfg.model, weights="none", img_size=cfg.img_size, model_kwargs=cfg.model_kwargs)
@@ -98,10 +95,11 @@ def preflight(cfg: TrainConfig) -> None:
         trainval=cfg.trainval,
         check_only=True,
     )
-    if method.prunes:
+    method.options_from(cfg)  # --method-kwargs and the flags the method reads, refused here for every method
+    if method.traits.prunes:
         model.reset_classifier(task.num_classes)
         with torch.device("meta"):
-            model = method.prepare(model, cfg, total_steps=1)
+            model = method.prepare_from_config(model, cfg, total_steps=1)
         check_budget(cfg, model)
     probe_out(Path(cfg.out))
 
@@ -168,11 +166,11 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None, device: 
     torch.manual_seed(cfg.seed)  # the head and the adapters start the same whatever the data loading did
     model.reset_classifier(task.num_classes)
     total_steps = cycle_epochs(cfg, 0) * steps_per_epoch(cfg, task)
-    model = method.prepare(model, cfg, total_steps=max(1, total_steps))
+    model = method.prepare_from_config(model, cfg, total_steps=max(1, total_steps))
     layout = [{"name": n, "role": r} for n, r in adapter_roles(model).items()]
-    head = model.get_classifier()
+    head = classifier(model)
     # trainable head parameters only: PEFT keeps a frozen copy of the head beside the trained one
-    head_params = sum(p.numel() for p in head.parameters() if p.requires_grad) if isinstance(head, nn.Module) else 0
+    head_params = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
     if sizes is not None:
         apply_plan(model, {n: list(range(h)) for n, h in sizes.items()})
     device = device or resolve_device(cfg.device)  # under torchrun: this rank's device
@@ -199,6 +197,4 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None, device: 
 
 def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
     """The adapter parameter budget: given directly, or as uniform adapters of ``budget_dim``."""
-    if cfg.budget_dim is not None:
-        return uniform_adapter_params(model, cfg.budget_dim)
-    return cfg.budget_params
+    return parameter_budget(model, budget_params=cfg.budget_params, budget_dim=cfg.budget_dim)

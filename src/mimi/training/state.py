@@ -132,11 +132,14 @@ class SavedState:
         pruner_state = json.loads(meta["pruner"])
         if pruner_state is not None:
             trainer.pruner = MiMiPruner.from_state_dict(pruner_state)
-        if trainer.acc is not None:
+        if trainer.grad_acc is not None:
             for name, _ in adapters(trainer.run.model):
                 if f"__gradacc__.{name}.down" in tensors:
-                    trainer.acc.grads[name] = (tensors[f"__gradacc__.{name}.down"], tensors[f"__gradacc__.{name}.up"])
-            trainer.acc.steps = int(meta["gradacc_steps"])
+                    trainer.grad_acc.grads[name] = (
+                        tensors[f"__gradacc__.{name}.down"],
+                        tensors[f"__gradacc__.{name}.up"],
+                    )
+            trainer.grad_acc.steps = int(meta["gradacc_steps"])
         best = json.loads(meta.get("best", "null"))
         if best is not None:
             best["state"] = {k.removeprefix("__best__."): v for k, v in tensors.items() if k.startswith("__best__.")}

@@ -1,0 +1,18 @@
+"""Small facts about a timm model used across the package: its classifier head and its architecture name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def classifier(model: nn.Module) -> nn.Module | None:
+    """The classifier head (timm's ``get_classifier()``), or None where the model has none or it is not a module
+    (timm returns ``nn.Identity`` or a bare tensor for some heads)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def architecture_of(model_name: str | None) -> str | None:
+    """The timm architecture of a model name, without its pretrained tag:
+    ``vit_small_patch14_dinov2.lvd142m`` -> ``vit_small_patch14_dinov2``."""
+    return model_name.split(".")[0] if model_name else None
