@@ -24,6 +24,7 @@ from torch import nn
 from mimi.core.adapters import find_blocks
 from mimi.core.errors import ConfigError, ModelError
 from mimi.core.lora import DEFAULT_TARGETS, lora_targets
+from mimi.core.modules import classifier
 from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register, run_flag
 from mimi.methods.lora import check_rank, resolve_rank
 
@@ -52,8 +53,8 @@ def target_regex(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> 
 
 def head_name(model: nn.Module) -> str | None:
     """The name under which ``model.get_classifier()`` appears in ``model.named_modules()`` (None: no head)."""
-    head = model.get_classifier()
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+    head = classifier(model)
+    if head is None or not any(True for _ in head.parameters()):
         return None
     return next((name for name, m in model.named_modules() if m is head), None)
 
@@ -81,8 +82,8 @@ def apply_peft(model: nn.Module, config: Any, *, targets: Sequence[str]) -> nn.M
 
 def trainable_without_head(model: nn.Module) -> int:
     """Trainable parameters outside the classifier head (PEFT's head copy included in the head)."""
-    head = model.get_classifier()
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    head = classifier(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
 
 

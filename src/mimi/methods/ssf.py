@@ -20,6 +20,7 @@ from torch import nn
 
 from mimi.core.adapters import freeze_backbone
 from mimi.core.errors import ConfigError, ModelError
+from mimi.core.modules import classifier
 from mimi.methods.base import Method, MethodOptions, PrepareContext, option, register
 
 
@@ -66,8 +67,8 @@ def ssf_targets(model: nn.Module, *, patch_embed: bool = True) -> list[tuple[str
     Raises:
         ModelError: if the model has no classifier head to exclude, or its patch embedding is not channels-last.
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    skip = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    head = classifier(model)
+    skip = {id(m) for m in head.modules()} if head is not None else set()
     found: list[tuple[str, nn.Module, int]] = []
     pe = getattr(model, "patch_embed", None)
     if patch_embed and isinstance(pe, nn.Module):
@@ -108,8 +109,7 @@ def add_ssf(model: nn.Module, *, patch_embed: bool = True, init_std: float = 0.0
         wrapped = SSF(module, dim, init_std=init_std, generator=generator)
         if ref is not None:
             wrapped.to(device=ref.device, dtype=ref.dtype)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
+        model.set_submodule(name, wrapped)
     freeze_backbone(model)
     for m in model.modules():
         if isinstance(m, SSF):
