@@ -1,5 +1,5 @@
-"""An HTTP endpoint over an adapter bank (run by `mimi serve`). Requests that arrive together are run as one batch, whatever
-their tasks: the frozen backbone runs once per batch (see :mod:`mimi.deploy.routing`).
+"""The standard-library HTTP server over an adapter bank (the first `mimi serve`, kept as the baseline that
+`benchmarks/serve.py` measures the ASGI server of :mod:`mimi.deploy.asgi` against). Requests that arrive together are run as one batch, whatever their tasks: the frozen backbone runs once per batch (see :mod:`mimi.deploy.routing`).
 
     POST /predict?task=NAME[&topk=K]   body: one image file (JPEG, PNG, ...)
                                        -> {"task", "ids", "names", "probs"}
