@@ -302,7 +302,7 @@ def _mixed_rows(bank, x, order, refs, strategy: str) -> None:
     assert len(rows) == len(order)
     for i, (t, row) in enumerate(zip(order, rows)):
         assert row.shape == (TASKS[t][1],)
-        torch.testing.assert_close(row, refs[t][i], atol=1e-5, rtol=0, msg=lambda m: f"{strategy} row {i} {t}: {m}")
+        torch.testing.assert_close(row, refs[t][i], atol=1e-5, rtol=0, msg=f"{strategy}: row {i} ({t})")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -15,7 +15,11 @@ there. Three strategies do the "to that task's rows only" part (``Router.strateg
   and the results are those of each task alone. Tasks with no adapter at the site get an all-zero slot.
 
 The per-task Python work of ``gather`` and ``grouped`` (a few small ops per task per site) is what makes a mixed batch
-of many tasks slower than a single-task one; ``padded`` does a constant number of ops per site.
+of many tasks slower than a single-task one; ``padded`` does a constant number of ops per site
+(``benchmarks/bank_mixed.py``). Its costs: memory, every site's adapters held a second time, padded (about 2.5x the
+adapters' own bytes for MiMi's uneven sizes), plus the stacks of the last few task sets seen (at most one slot per
+image each); and a batch with a new set of tasks restacks (one ``index_select`` per tensor per site), and pads each
+task's rows to the largest count when counts differ.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from mimi.core.errors import ConfigError, ModelError
 
 STRATEGIES = ("gather", "grouped", "padded")
 DEFAULT_STRATEGY = "padded"  # fastest in benchmarks/bank_mixed.py for 8 and 64 tasks (see its JSON)
-_STACKS_KEPT = 8  # per site: stacked weights of the last few batch layouts (a server sees the same mixes again)
+_STACKS_KEPT = 4  # per site: stacked weights of the last few task sets (a server sees the same mixes again)
 
 
 class Router:
@@ -204,7 +208,7 @@ class BankSite(nn.Module):
         # padded strategy: per signature, every task's weights stacked once (plus a zero slot), and the stacks of
         # recent batch layouts; both dropped when a task is added or removed (adapters.version changes)
         self._version = -1
-        self._full: dict[tuple[str, str] | None, tuple[_Stack, dict[str, int]] | None] = {}
+        self._full: dict[tuple[str, str], tuple[_Stack, dict[str, int]]] = {}
         self._signatures: dict[str, tuple[str, str] | None] = {}
         self._layouts: OrderedDict[tuple[str, ...], list[tuple[str, _Stack]] | None] = OrderedDict()
 
