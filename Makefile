@@ -6,14 +6,14 @@ PIP := $(VENV)/bin/pip
 DATA ?= data/minivtab
 RUN ?= runs/demo
 
-.PHONY: venv install test lint demo minivtab fashion-mnist clean
+.PHONY: venv install test lint test-browser demo minivtab fashion-mnist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch/torchvision pinned first: on the project's machines pip takes them from local disk.
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev,offline,peft]"
+	$(PIP) install -q -e ".[dev,offline,peft,serve]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -26,6 +26,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# The page `mimi serve` serves, in a headless Chromium driven by ChromeDriver (Debian packages; skipped without them).
+test-browser: install
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pytest -q tests/test_browser.py
 
 # Fashion-MNIST for the MiniVTAB tasks built from it (Debian package; torchvision can download it elsewhere).
 fashion-mnist:

@@ -283,3 +283,83 @@ def test_info_lists_lora_ranks(tmp_path, capsys):
     layers = [n for n, _ in lora_targets(bare("vit"))][1:]  # make_task leaves the first layer without LoRA
     for i, name in enumerate(layers):
         assert any(line.split()[:2] == [name, str(1 + i % 3)] for line in out.splitlines())
+
+
+# ---------------------------------------------------------------- mixed-batch strategies (gather, grouped, padded)
+
+STRATEGIES = ("gather", "grouped", "padded")
+
+
+def _mixed_rows(bank, x, order, refs, strategy: str) -> None:
+    bank.mixed = strategy
+    calls = []
+    hook = bank.model.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        rows = bank.logits(x, order)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # one backbone pass whatever the strategy
+    assert len(rows) == len(order)
+    for i, (t, row) in enumerate(zip(order, rows)):
+        assert row.shape == (TASKS[t][1],)
+        torch.testing.assert_close(row, refs[t][i], atol=1e-5, rtol=0, msg=f"{strategy}: row {i} ({t})")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_equals_own_models(setup, strategy):
+    """Unsorted, repeated tasks of every kind, uneven counts (padded pads rows) and even ones (no padding)."""
+    arch, bank, files, _ = setup
+    torch.manual_seed(5)
+    x = torch.randn(12, 3, 32, 32)
+    refs = {t: reference(arch, f)(x) for t, f in files.items()}
+    uneven = ["f", "a", "c", "a", "d", "e", "b", "c", "a", "f", "d", "a"]  # a x4, c/d/f x2, e/b x1
+    even = ["e", "c", "a", "f", "b", "d", "a", "d", "c", "b", "f", "e"]  # every task twice, not sorted
+    for order in (uneven, even, uneven):  # the third pass reuses the stacked weights of the first
+        _mixed_rows(bank, x, order, refs, strategy)
+    _mixed_rows(bank, x[:3], ["a", "c", "a"], {t: r[:3] for t, r in refs.items()}, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategies_follow_added_replaced_and_removed_tasks(setup, strategy):
+    arch, bank, files, x = setup
+    order = ["c", "a", "f", "a", "d", "e", "b"]
+    refs = {t: reference(arch, f)(x) for t, f in files.items()}
+    _mixed_rows(bank, x, order, refs, strategy)
+    f = files["a"].parent / "a_new.safetensors"  # same name, other adapters: stacked weights must not be reused
+    make_task(arch, "adapter", 3, f, seed=99)
+    bank.add("a", f, replace=True)
+    refs["a"] = reference(arch, f)(x)
+    _mixed_rows(bank, x, order, refs, strategy)
+    bank.remove("f")
+    order = ["c", "a", "e", "a", "d", "e", "b"]
+    _mixed_rows(bank, x, order, refs, strategy)
+    bank.add("f", files["f"])
+    _mixed_rows(bank, x, ["f", "a", "e", "a", "f", "c", "b"], refs, strategy)
+
+
+def test_strategy_choice_and_default(setup):
+    from mimi.deploy.routing import DEFAULT_STRATEGY
+
+    arch, bank, files, x = setup
+    assert bank.mixed == DEFAULT_STRATEGY in STRATEGIES
+    assert mimi.AdapterBank(bare(arch), device="cpu", mixed="grouped").mixed == "grouped"
+    with pytest.raises(mimi.ConfigError, match="strategy"):
+        mimi.AdapterBank(bare(arch), device="cpu", mixed="fast")
+    with pytest.raises(mimi.ConfigError, match="strategy"):
+        bank.mixed = "fast"
+    assert bank.mixed == DEFAULT_STRATEGY
+
+
+def test_padded_falls_back_to_grouped_where_it_cannot_pad(setup):
+    """An activation with act(0) != 0 would make padded neurons speak: that site runs grouped instead."""
+    _, bank, _, x = setup
+    order = ["a", "e", "a", "c", "e", "a", "e"]
+    site = next(m for m in bank.model.modules() if isinstance(m, BankSite) and len(m.adapters) >= 2)
+    for a in site.adapters.values():
+        a.act = torch.nn.Sigmoid()  # on every task there, so that both strategies compute the same function
+    want = []
+    for strategy in ("grouped", "padded"):
+        bank.mixed = strategy
+        want.append(bank.logits(x, order))
+    for g, p in zip(*want):
+        torch.testing.assert_close(p, g, atol=1e-5, rtol=0)

@@ -24,7 +24,7 @@ from test_bank import bare, make_task
 import mimi
 from mimi.cli import main
 from mimi.core.adapters import AdapterConfig, add_adapters
-from mimi.deploy.server import BankServer
+from mimi.deploy.stdlib_server import BankServer
 
 TASKS = {"a": ("mimi", 3), "b": ("lora", 4), "c": ("linear", 5)}
 

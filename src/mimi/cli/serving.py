@@ -16,7 +16,7 @@ def task_arg(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def add_task_args(p: argparse.ArgumentParser) -> None:
+def add_task_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--task NAME=FILE (repeat), and --backbone, --weights, --img-size: each defaults to what the task files record
     (AdapterBank.from_task_files)."""
     p.add_argument(
@@ -31,7 +31,13 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
         "--img-size", type=int, default=None, help="input resolution (default: the one the tasks were trained at)"
     )
     p.add_argument(
-        "--task", type=task_arg, action="append", required=True, metavar="NAME=FILE", help="a task file (repeat)"
+        "--task",
+        type=task_arg,
+        action="append",
+        required=required,
+        default=[],
+        metavar="NAME=FILE",
+        help="a task file (repeat)",
     )
 
 

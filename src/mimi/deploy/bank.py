@@ -37,7 +37,7 @@ from mimi.core.lora import LoRALinear
 from mimi.core.modules import architecture_of
 from mimi.core.taskfile import backbone_fingerprint, model_architecture, unit_sizes
 from mimi.data.base import normalize, to_uint8
-from mimi.deploy.routing import BankSite, Router
+from mimi.deploy.routing import DEFAULT_STRATEGY, BankSite, Router, check_strategy
 from mimi.deploy.tasks import TaskFile, read_task_file, serving_backbone
 from mimi.methods import servable_methods
 
@@ -86,6 +86,10 @@ class AdapterBank:
         weights: weight source when ``backbone`` is a name (``auto``, ``hub``, ``none``, ``imgfocus``, a file).
         img_size: input resolution when ``backbone`` is a name (position embeddings are resampled).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
+        mixed: how a batch of several tasks routes rows to adapters: ``padded`` (default: the batch sorted by task,
+            each site's adapters in one batched matmul), ``grouped`` (sorted, one small matmul pair per task) or
+            ``gather`` (per-site gather / scatter-add); see :mod:`mimi.deploy.routing`. Same logits to 1e-5;
+            settable later as ``bank.mixed``.
 
     Raises:
         ConfigError, BackboneError, ModelError: bad arguments, unknown model or weights, a backbone that already
@@ -99,7 +103,9 @@ class AdapterBank:
         weights: str | None = "auto",
         img_size: int | None = None,
         device: str = "auto",
+        mixed: str = DEFAULT_STRATEGY,
     ) -> None:
+        check_strategy(mixed)
         if isinstance(backbone, str):
             model, self.weights_source = create_backbone(backbone, weights=weights, img_size=img_size)
             self.name: str | None = backbone
@@ -122,7 +128,7 @@ class AdapterBank:
         self.num_features = int(getattr(model, "num_features", 0))
         self.architecture = model_architecture(model) or architecture_of(self.name)
         self.fingerprint = backbone_fingerprint(model)
-        self._router = Router()
+        self._router = Router(mixed)
         # The bare backbone's structure, recorded before any wrapping: where adapters and LoRA updates can go.
         self._sites = {p: _all_sites(model, p) for p in ("sequential", "parallel")}
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -347,6 +353,15 @@ class AdapterBank:
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def mixed(self) -> str:
+        """The mixed-batch strategy (``padded``, ``grouped`` or ``gather``; see :mod:`mimi.deploy.routing`)."""
+        return self._router.strategy
+
+    @mixed.setter
+    def mixed(self, strategy: str) -> None:
+        self._router.strategy = check_strategy(strategy)
+
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:
         s = self.img_size
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
@@ -377,21 +392,46 @@ class AdapterBank:
         if len(names) != batch:
             raise ConfigError(f"{len(names)} task names for a batch of {batch} images; give one name per image")
         keys = [self._tasks[self._check_name(t)].key for t in names]
-        groups: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}  # task key -> its rows, tasks in order of first appearance
         for i, k in enumerate(keys):
             groups.setdefault(k, []).append(i)
-        index = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
-        feats = self._features(x, index, batch)  # (B, F): ONE pass of the backbone
         out: list[torch.Tensor] = [torch.empty(0)] * batch
-        for k, idx in index.items():
-            rows = self.heads[k](feats.index_select(0, idx))  # (n_k, C_k)
-            for i, row in zip(groups[k], rows):
+        if len(groups) == 1 or self._router.strategy == "gather":
+            index = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
+            feats = self._features(x, index, batch)  # (B, F): ONE pass of the backbone
+            for k, idx in index.items():
+                rows = self.heads[k](feats.index_select(0, idx))  # (n_k, C_k)
+                for i, row in zip(groups[k], rows):
+                    out[i] = row
+            return out
+        # grouped / padded: permute the rows ONCE so that each task's rows are contiguous; every site and head then
+        # works on slices, and the rows go back to the caller's order when the list is built. Tasks in the order
+        # they joined the bank (keys are "t<n>", n increasing), so that batches of one set of tasks share one
+        # layout, whatever their order and counts: the padded sites' stacked weights are cached per layout.
+        groups = dict(sorted(groups.items(), key=lambda kv: int(kv[0][1:])))
+        perm = [i for rows in groups.values() for i in rows]
+        if perm != list(range(batch)):
+            x = x.index_select(0, torch.tensor(perm, device=self.device))  # (B, 3, H, W), sorted by task
+        feats = self._features(x, {k: len(v) for k, v in groups.items()}, batch)  # (B, F): ONE backbone pass
+        start = 0
+        for k, rows_of_k in groups.items():
+            n = len(rows_of_k)
+            rows = self.heads[k](feats[start : start + n])  # (n_k, C_k)
+            start += n
+            for i, row in zip(rows_of_k, rows):
                 out[i] = row
         return out
 
-    def _features(self, x: torch.Tensor, index: dict[str, torch.Tensor | None], batch: int) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, index: dict[str, torch.Tensor | int | None], batch: int) -> torch.Tensor:
+        """The backbone's pooled features ``(B, F)``, the router set for the pass.
+
+        ``index``: task key -> None (one task, every row), its row indices (``gather``), or its number of rows
+        when the batch is sorted by task (``grouped`` / ``padded``: the counts in row order).
+        """
         if len(index) == 1:
             self._router.set_single(next(iter(index)), batch)  # every row one task: no gather / scatter
+        elif all(isinstance(v, int) for v in index.values()):
+            self._router.set_spans(index, batch)
         else:
             self._router.set_groups(index, batch)
         try:
