@@ -417,6 +417,19 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
+def _stack() -> dict[str, str | None]:
+    """The serving stack's versions: uvicorn picks httptools and uvloop (its [standard] extra) where installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {n: v(n) for n in ("uvicorn", "starlette", "httptools", "uvloop", "h11")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch14_dinov2")
@@ -636,6 +649,7 @@ def report(args, info, med: dict, runs: dict, total_s: float, write_record) -> N
         out,
         argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "stdlib_child"}),
         info,
+        stack=_stack(),
         requests_per_client=per,
         cells=cells,
         direct=direct,

@@ -29,6 +29,27 @@ from mimi.deploy.stdlib_server import BankServer
 TASKS = {"a": ("mimi", 3), "b": ("lora", 4), "c": ("linear", 5)}
 
 
+def _read_reply(s: socket.socket) -> str:
+    """One HTTP response read off a raw socket: the headers, then Content-Length bytes of body (the two may
+    arrive in separate segments, Nagle being off)."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = next(
+        (int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"), 0
+    )
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def _png(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (i * 20 % 256, 100, 200 - i * 10)).save(buf, format="PNG")
@@ -112,7 +133,7 @@ def test_bad_requests_get_one_json_error_and_the_server_goes_on(server):
     # a client that announces 1,000 bytes and stalls after 10 gets a 408 once the timeout passes
     with socket.create_connection(server.server_address[:2], timeout=30) as stalled:
         stalled.sendall(b"POST /predict?task=a HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
-        reply = stalled.recv(4096).decode()
+        reply = _read_reply(stalled)
     assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
     status, got = _post(f"{url}/predict?task=b", _png(3))
     assert status == 200 and got["task"] == "b"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from test_bank import bare, make_task
-from test_serve import _cli_task, _png
+from test_serve import _cli_task, _png, _read_reply
 
 import mimi
 from mimi.cli import main
@@ -135,7 +135,7 @@ def test_contract_answers_equal_the_bank_and_errors_are_json(served):
         assert s.recv(4096).decode().startswith("HTTP/1.1 411")
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # announces 1,000 bytes, sends 10
         s.sendall(b"POST /predict?task=a HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
-        reply = s.recv(4096).decode()
+        reply = _read_reply(s)
     assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
     status, tasks, _ = _request(f"{url}/tasks")
     assert status == 200 and set(tasks) == set(TASKS) and tasks["b"]["method"] == "lora"
