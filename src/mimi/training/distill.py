@@ -76,7 +76,7 @@ class Teacher:
         if self.logits is not None:
             if index is None:
                 raise ValueError("cached teacher logits need the batch's image indices (wrap the data in Indexed)")
-            return self.logits[index.cpu()].to(x.device)  # (B, C)
+            return self.logits[index.to(self.logits.device)].to(x.device)  # (B, C)
         with torch.no_grad():
             return self.model(x).float()  # (B, C)
 
@@ -239,7 +239,7 @@ def load_teacher(out: Path, *, cached: bool, n_train: int, device: torch.device)
         logits = ckpt.load_tensors(path)["logits"]
         if len(logits) != n_train:
             raise CheckpointError(f"{path}: {len(logits)} rows of teacher logits for {n_train} training images")
-        return Teacher(logits=logits)
+        return Teacher(logits=logits.to(device))
     path = out / TEACHER_FILE
     cfg = TrainConfig.from_dict(json.loads(ckpt.read_metadata(path)["teacher_config"]))
     return Teacher(model=teacher_model(cfg, path, device=device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -151,8 +152,6 @@ class Trainer:
         if self.world.main:
             distill.save_teacher(self.run.out, cfg=self.cfg, spec="cycle 0", model=self.run.model)
         if self.run.task.train_augmented:  # asked per batch: a frozen copy, since the model itself goes on training
-            import copy
-
             return self._teach_with(copy.deepcopy(self.run.model).requires_grad_(False).eval(), "cycle 0")
         return self._teach_with(self.run.model, "cycle 0")  # its logits are all that is kept
 
@@ -173,7 +172,7 @@ class Trainer:
             distill.save_logits(self.run.out, logits, spec)
         distributed.barrier(self.world)  # every rank sees the files before any of them goes on
         self.log(f"   teacher ({spec}): logits of the {len(logits)} training images cached")
-        return distill.Teacher(logits=logits)
+        return distill.Teacher(logits=logits.to(self.run.device))  # looked up where the student's logits are
 
     def _eval(self, split: str) -> dict:
         ds = getattr(self.run.task, split)
