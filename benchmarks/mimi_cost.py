@@ -14,6 +14,13 @@ table shows it. Targets: MiMi / equal-epoch adapter wall <= 1.10x; every phase b
 
     python benchmarks/mimi_cost.py            # fashion_mnist, full MiniVTAB settings (~25 min on 2 cores)
     python benchmarks/mimi_cost.py --quick    # 1+1+1 epochs to r=24 on 16 images per split, about a minute
+
+``--distill`` instead runs MiMi and MiMi ``--distill`` side by side (alternating which goes first over
+``--repeats``) and reports what distillation costs: the distilled cycles (1 onwards, taught by the cycle-0 model
+from its cached logits) against the same cycles of the plain run, and the one-off computation of the teacher's
+logits. Target: distilled cycles / plain cycles <= 1.05x.
+
+    python benchmarks/mimi_cost.py --distill --repeats 2   # full settings (~30 min on 2 cores, one thread each)
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from _common import machine, write_record
 import mimi.core.taskfile
 import mimi.reporting.run_report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
 import mimi.trainer
+import mimi.training.distill
 import mimi.training.loop
 from mimi.config import TrainConfig
 from mimi.core.schedule import MiMiPruner
 
 RESULTS = Path(__file__).parent / "results"
-TARGET_RATIO, TARGET_SHARE = 1.10, 0.02
+TARGET_RATIO, TARGET_SHARE, TARGET_DISTILL = 1.10, 0.02, 1.05
 # phase -> (object, attribute) the trainer reaches it through
 PHASES = {
     "train_epoch": (mimi.training.loop, "train_epoch"),
@@ -52,6 +60,7 @@ PHASES = {
     "_plots": (mimi.training.loop, "_plots"),
     "setup (preflight)": (mimi.trainer, "preflight"),
     "setup (build_run)": (mimi.trainer, "build_run"),
+    "teacher logits": (mimi.training.distill, "compute_logits"),  # --distill: once per run, cycle 0's model
 }
 LOOP = ("train_epoch", "evaluate (val)", "evaluate (test)")  # the work itself: no target
 # evaluate is reported per split (the trainer passes desc="val" / "test")
@@ -118,7 +127,10 @@ def one_run(cfg: TrainConfig) -> dict:
         "calls": {p: len(calls.get(p, [])) for p in REPORTED},
         "epoch_s": calls["train_epoch"],
         "call_s": {p: [round(t, 4) for t in calls.get(p, [])] for p in REPORTED},
-        "cycles": [{k: e[k] for k in ("cycle", "adapter_params", "epochs", "test_acc", "seconds")} for e in summary],
+        "cycles": [
+            {k: e.get(k) for k in ("cycle", "adapter_params", "epochs", "test_acc", "seconds", "distilled")}
+            for e in summary
+        ],
         "folder_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
     }
@@ -139,6 +151,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating which goes first")
     p.add_argument("--quick", action="store_true", help="smoke run: 1+1+1 epochs to r=24 on 16 images per split")
     p.add_argument(
+        "--distill", action="store_true", help="MiMi and MiMi --distill side by side (the cost of a teacher)"
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="JSON (default: benchmarks/results/perf/mimi_cost[_quick].json)"
     )
     args = p.parse_args()
@@ -146,7 +161,8 @@ def main() -> None:
         args.first_epochs, args.epochs, args.budget_dim, args.subset, args.repeats = 1, 1, 24, 16, 1
     info = machine()
     print(f"{info['cpu']} | {info['threads']} threads | torch {info['torch']} | {info['device']}")
-    runs: dict[str, list[dict]] = {"mimi": [], "mimi-test-last": [], "adapter": []}
+    names = ["mimi", "mimi-distill"] if args.distill else ["mimi", "mimi-test-last", "adapter"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root
         if args.subset:
@@ -169,10 +185,12 @@ def main() -> None:
         mimi_cfg["first_epochs"] = args.first_epochs
         equal_epochs = None
         for r in range(args.repeats):
-            order = ["mimi", "mimi-test-last", "adapter"][:: 1 if r % 2 == 0 else -1]
+            order = names[:: 1 if r % 2 == 0 else -1]
             for name in order:
                 if name == "mimi":
                     kw = mimi_cfg
+                elif name == "mimi-distill":
+                    kw = dict(mimi_cfg, distill=True)
                 elif name == "mimi-test-last":
                     kw = dict(mimi_cfg, test_every="last")
                 else:  # as many epochs as MiMi spent, all in one cycle
@@ -182,7 +200,60 @@ def main() -> None:
                 if name != "adapter":
                     equal_epochs = sum(c["epochs"] for c in res["cycles"])
                 print(f"  round {r + 1}: {name:<14} {res['wall_s']:7.1f} s")
-    report(args, info, runs, equal_epochs)
+    if args.distill:
+        report_distill(args, info, runs)
+    else:
+        report(args, info, runs, equal_epochs)
+
+
+def _after_cycle0(res: dict) -> dict[str, float]:
+    """Seconds of a run's cycles 1 onwards: the cycles' own time (summary), and their training epochs alone."""
+    first = res["cycles"][0]["epochs"]
+    return {"cycles_s": sum(c["seconds"] for c in res["cycles"][1:]), "train_epoch_s": sum(res["epoch_s"][first:])}
+
+
+def report_distill(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]]) -> None:
+    """Distilled cycles against plain ones, pair by pair (each pair ran back to back), and the teacher's one-off."""
+    pairs = [
+        {k: _after_cycle0(d)[k] / max(1e-9, _after_cycle0(p)[k]) for k in ("cycles_s", "train_epoch_s")}
+        for p, d in zip(runs["mimi"], runs["mimi-distill"], strict=True)
+    ]
+    ratio = {k: statistics.median(pr[k] for pr in pairs) for k in ("cycles_s", "train_epoch_s")}
+    wall = {n: statistics.median(r["wall_s"] for r in rs) for n, rs in runs.items()}
+    logits_s = statistics.median(r["phases_s"]["teacher logits"] for r in runs["mimi-distill"])
+    d = runs["mimi-distill"][0]
+    task = f"{args.task}" + (f" ({args.subset} images per split)" if args.subset else "")
+    print(f"\n{args.model} ({args.weights}) at {args.img_size}px on {task}, batch 32, lr 1e-3")
+    print(
+        f"MiMi r={args.adapter_dim} -> r={args.budget_dim} ({args.first_epochs} + {args.epochs}/cycle epochs, "
+        f"{len(d['cycles'])} cycles), plain vs --distill (a=0.5, T=2; cycles 1+ taught by cycle 0's cached logits)"
+    )
+    verdict = "ok" if ratio["cycles_s"] <= TARGET_DISTILL else "OVER"
+    print(f"\n## Cost of distillation (median of {args.repeats} back-to-back pair(s))")
+    print(
+        f"cycles 1+: distilled / plain x{ratio['cycles_s']:.3f} (target <= x{TARGET_DISTILL:.2f}: {verdict}); "
+        f"their training epochs alone x{ratio['train_epoch_s']:.3f}"
+    )
+    print(
+        f"teacher logits, once per run: {logits_s:.2f} s ({logits_s / wall['mimi-distill']:.2%} of the distilled "
+        f"run's wall) | whole run: plain {wall['mimi']:.1f} s, distilled {wall['mimi-distill']:.1f} s "
+        f"(x{wall['mimi-distill'] / wall['mimi']:.3f})"
+    )
+    print(
+        f"final test accuracy: plain {runs['mimi'][0]['cycles'][-1]['test_acc']}, distilled {d['cycles'][-1]['test_acc']}"
+    )
+    out = args.out or RESULTS / "perf" / ("mimi_cost_distill_quick.json" if args.quick else "mimi_cost_distill.json")
+    write_record(
+        out,
+        args,
+        info,
+        ratio_distilled_over_plain_cycles=ratio["cycles_s"],
+        ratio_distilled_over_plain_train_epochs=ratio["train_epoch_s"],
+        ratio_by_pair=pairs,
+        teacher_logits_s=logits_s,
+        wall_s_median=wall,
+        runs=runs,
+    )
 
 
 def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], equal_epochs: int | None) -> None:

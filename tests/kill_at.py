@@ -4,7 +4,8 @@
 
 POINT: mid-epoch (inside the N-th optimizer step), evaluation (N-th evaluation), after-prune (right after the N-th
 cut), checkpoint-write (the N-th checkpoint's temporary file written, not yet renamed), final-save (the final
-adapters' temporary file written, not yet renamed).
+adapters' temporary file written, not yet renamed), teacher-write (the N-th temporary file of the cached teacher
+logits written, not yet renamed).
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ elif point == "after-prune":
         return sizes
 
     schedule.MiMiPruner.step = patched_prune
-elif point in ("checkpoint-write", "final-save"):
-    target = ".checkpoint.safetensors." if point == "checkpoint-write" else ".adapters.safetensors."
+elif point in ("checkpoint-write", "final-save", "teacher-write"):
+    target = {
+        "checkpoint-write": ".checkpoint.safetensors.",
+        "final-save": ".adapters.safetensors.",
+        "teacher-write": ".teacher_logits.safetensors.",
+    }[point]
     fsync = io_utils._fsync
 
     def patched_fsync(path, *, directory=False):

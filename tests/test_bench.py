@@ -2,16 +2,21 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from vtab_fixture import write_vtab_task
 
 from mimi.bench.spec import BenchSpec
 from mimi.cli import main
+from mimi.core.errors import ConfigError
 from mimi.methods import METHODS
 
 
@@ -319,3 +324,70 @@ def test_a_released_claim_is_free_and_another_workers_claim_is_left_alone(tmp_pa
     assert not claim(tmp_path, "b")  # another host's claim is respected
     release(tmp_path, "b")  # not ours: left in place
     assert (tmp_path / ".claims" / "b.claim").read_text() == "elsewhere 7"
+
+
+def test_a_distilled_pair_is_one_job_and_report_pairs_it(tmp_path, capsys):
+    """teacher_from ties the distilled equal-epoch adapter to the distilled MiMi run of its task and seed: one job,
+    lead first; the follower learns from the lead's cycle-0 file; a follower whose teacher is gone fails in one line."""
+    root = write_vtab_task(tmp_path / "data", "toy", sizes={"train800": 12, "val200": 6, "test": 6})
+    lead = {"label": "mimi-distill", "method": "mimi", "budget_dim": [2], "distill": True, "save_cycles": True}
+    follower = {"label": "adapter-distill", "method": "adapter", "adapter_dim": 2, "first_epochs": 3}
+    follower["teacher_from"] = "mimi-distill__budgetdim2:cycles/cycle_0.safetensors"
+    methods = [{"label": "mimi", "method": "mimi", "budget_dim": [2]}, lead, follower]
+    spec_path = _spec(tmp_path, root, methods)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["groups"] = {"natural": ["vtab1k:toy"]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    runs = BenchSpec.load(spec_path).expand()
+    jobs = BenchSpec.jobs(runs)
+    assert list(jobs) == ["toy__mimi__budgetdim2__s0", "toy__mimi-distill__budgetdim2__s0"]
+    assert [r.id for r in jobs["toy__mimi-distill__budgetdim2__s0"]][1] == "toy__adapter-distill__s0"
+    taught = runs[-1].config
+    assert (
+        taught["distill"]
+        and taught["teacher"] == f"{tmp_path / 'runs'}/toy__mimi-distill__budgetdim2__s0:cycles/cycle_0.safetensors"
+    )
+
+    queue = tmp_path / "queue.txt"
+    queue.write_text("toy__adapter-distill__s0\n")  # a follower queued alone brings its lead
+    assert main(["bench", str(spec_path), "--quiet", "--no-report", "--queue", str(queue)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("toy__mimi-distill__budgetdim2__s0") < out.index("toy__adapter-distill__s0")
+    recs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
+    assert set(recs) == {"toy__mimi-distill__budgetdim2__s0", "toy__adapter-distill__s0"}
+    assert all(r["status"] == "ok" for r in recs.values())
+    logits = [load_file(str(tmp_path / "runs" / i / "teacher_logits.safetensors"))["logits"] for i in recs]
+    assert torch.equal(*logits)  # the same teacher: the lead's model at the end of cycle 0
+
+    # a follower to train again, its lead's folder gone (another machine): one line, the lead left alone
+    (tmp_path / "results" / "toy__adapter-distill__s0.json").unlink()
+    shutil.rmtree(tmp_path / "runs" / "toy__adapter-distill__s0")
+    shutil.rmtree(tmp_path / "runs" / "toy__mimi-distill__budgetdim2__s0" / "cycles")
+    assert main(["bench", str(spec_path), "--quiet", "--no-report", "--only", "distill"]) == 1
+    rec = json.loads((tmp_path / "results" / "toy__adapter-distill__s0.json").read_text())
+    assert rec["status"] == "failed" and "is gone" in rec["error"] and "delete" in rec["error"]
+
+    for bad, message in (
+        ({**follower, "teacher_from": "nothing"}, "no run of this spec"),
+        ({**follower}, "does not keep cycles/ files"),
+    ):
+        lead_kept = {**lead, "save_cycles": False} if "keep" in message else lead
+        spec["methods"] = [lead_kept, bad]
+        spec_path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConfigError, match=message):
+            BenchSpec.load(spec_path).expand()
+
+
+def test_report_pairs_distilled_runs_and_keeps_them_out_of_mimi():
+    from mimi.reporting.bench_report import ablation_table, paired_comparisons
+
+    recs = []
+    for task, base in (("a", 0.70), ("b", 0.60), ("c", 0.50)):
+        recs.append(_rec(task, "mimi", "mimi", base, 1000, budget_dim=3))
+        recs.append(_rec(task, "mimi-distill", "mimi", base + 0.02, 1000, budget_dim=3, distill=True))
+        recs.append(_rec(task, "adapter-distill", "adapter", base - 0.01, 1010, adapter_dim=3, distill=True))
+    got = {c.name: c.diff.mean for c in paired_comparisons(recs)}
+    assert got == pytest.approx({"mimi-distill": 2.0, "adapter-distill": -1.0})  # plain MiMi alone is the reference
+    vs = {c.name: c.diff.mean for c in paired_comparisons(recs, against="mimi-distill")}
+    assert vs == pytest.approx({"mimi": -2.0, "adapter-distill": -3.0})
+    assert ablation_table(recs) == []  # a distilled MiMi is no neuron score of the ablation

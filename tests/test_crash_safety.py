@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,8 +25,8 @@ MIMI = "--method mimi --adapter-dim 8 --budget-params 600 --rho 0.5 --epochs 1 -
 TIMELESS = ("seconds", "elapsed")
 
 
-def _argv(root: Path, out: Path) -> list[str]:
-    return ["train", *TRAIN.split(), *MIMI.split(), "--data-root", str(root), "--out", str(out)]
+def _argv(root: Path, out: Path, method: str = MIMI) -> list[str]:
+    return ["train", *TRAIN.split(), *method.split(), "--data-root", str(root), "--out", str(out)]
 
 
 def _timeless(obj):
@@ -69,6 +70,69 @@ def test_sigkill_then_resume_equals_unbroken(point, unbroken, tmp_path):
     assert got_summary == summary
     assert got_metrics == metrics
     assert not list(out.rglob("*.tmp"))  # no temporary file left behind
+
+
+# --distill: the teacher (the model at the end of cycle 0, or a --teacher run's) is part of the run state
+DISTILL = MIMI + " --distill"
+# kill -> (point, N): while the teacher's logits are written at the end of cycle 0 (cycle 0 is finished again and the
+# teacher made again). Mid-cycle with the teacher read back from the run folder: the taught run below; a kill in
+# cycle 0, before any teacher exists, is the plain run's case above.
+DISTILL_KILLS = {"teacher-write": ("teacher-write", 1)}
+
+
+def _taught(teacher: Path) -> str:
+    """The equal-epoch small adapter distilled from a MiMi run's cycle-0 model (the fair control)."""
+    return f"--method adapter --adapter-dim 2 --epochs 3 --lr 3e-3 --teacher {teacher}:cycles/cycle_0.safetensors"
+
+
+@pytest.fixture(scope="module")
+def unbroken_distilled(unbroken, tmp_path_factory):
+    root, _ = unbroken
+    base = tmp_path_factory.mktemp("crash_distill")
+    assert main(_argv(root, base / "mimi", DISTILL)) == 0
+    assert main(_argv(root, base / "adapter", _taught(base / "mimi"))) == 0
+    return root, base, _result(base / "mimi"), _result(base / "adapter")
+
+
+def test_a_distilled_run_differs_from_the_plain_one_after_cycle_0(unbroken, unbroken_distilled):
+    _, (plain, plain_summary, _) = unbroken
+    _, base, (adapters, summary, _), _ = unbroken_distilled
+    assert [c["distilled"] for c in summary] == [False] + [True] * (len(summary) - 1)
+    assert {k: v for k, v in summary[0].items() if k != "distilled"} == plain_summary[0]  # cycle 0: CE alone
+    assert adapters.keys() != plain.keys() or any(not torch.equal(adapters[k], plain[k]) for k in adapters)
+    assert all((base / "mimi" / f).is_file() for f in ("teacher.safetensors", "teacher_logits.safetensors"))
+
+
+@pytest.mark.parametrize("kill", sorted(DISTILL_KILLS))
+def test_sigkill_a_distilled_run_then_resume_equals_unbroken(kill, unbroken_distilled, tmp_path):
+    root, _, want, _ = unbroken_distilled
+    point, n = DISTILL_KILLS[kill]
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "kill_at.py"), point, str(n), "--", *_argv(root, out, DISTILL)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert main(["train", "--resume", str(out)]) == 0
+    got = _result(out)
+    assert got[0].keys() == want[0].keys() and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+    assert got[1:] == want[1:]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_sigkill_a_run_taught_by_another_then_resume_equals_unbroken(unbroken_distilled, tmp_path):
+    """Killed mid-training, resumed after the teacher's run folder is gone (it did not survive a move): the run
+    reads its teacher back from its own folder."""
+    root, base, _, want = unbroken_distilled
+    teacher = tmp_path / "teacher"
+    shutil.copytree(base / "mimi", teacher)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "kill_at.py"), "mid-epoch", "5", "--", *_argv(root, out, _taught(teacher))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    shutil.rmtree(teacher)
+    assert main(["train", "--resume", str(out)]) == 0
+    got = _result(out)
+    assert got[0].keys() == want[0].keys() and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+    assert got[1:] == want[1:]
 
 
 def test_nan_loss_stops_keeps_checkpoint_and_resumes_with_lower_lr(unbroken, tmp_path, capsys, monkeypatch):

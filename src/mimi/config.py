@@ -20,6 +20,34 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+@dataclass(frozen=True)
+class DistillOptions:
+    """Knowledge distillation of a run (``--distill``): the loss ``(1 - alpha) CE + alpha T^2 KL(teacher || student)``
+    on logits softened by the temperature ``T``.
+
+    Attributes:
+        alpha: weight of the distillation term, in [0, 1] (0: plain cross-entropy; 1: the teacher alone).
+        temp: temperature ``T`` > 0 of both softmaxes; the ``T^2`` keeps the term's gradients at CE's scale.
+        teacher: ``RUN[:WEIGHTS]``: a finished run folder (its ``adapters.safetensors``) or one of its files
+            (``RUN:cycles/cycle_0.safetensors``); None: a pruning method's own model at the end of cycle 0.
+    """
+
+    alpha: float = 0.5
+    temp: float = 2.0
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"config: distill_alpha must be in [0, 1], got {self.alpha!r}")
+        if isinstance(self.temp, bool) or not isinstance(self.temp, int | float) or not self.temp > 0:
+            raise ConfigError(f"config: distill_temp must be > 0, got {self.temp!r}")
+        if self.teacher is not None and not (isinstance(self.teacher, str) and self.teacher.strip()):
+            raise ConfigError(f"config: teacher must be RUN[:WEIGHTS], got {self.teacher!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs: backbone, data, method, budget, optimisation, output."""
@@ -46,6 +74,19 @@ class TrainConfig:
     rho: float = _f(0.5, "fraction of adapter parameters removed per cycle (1.0 = one-shot)")
     score: str = _f("mimi", "neuron score: mimi, mimi-weighted, magnitude, global-l1, random, gradient, lora-norm")
     max_cycles: int = _f(20, "safety cap on pruning cycles")
+    # distillation
+    distill: bool = _f(
+        False,
+        "add a teacher's soft labels to the loss: (1-a) CE + a T^2 KL; the teacher is --teacher, or a pruning "
+        "method's own model at the end of cycle 0 (distilled into every later cycle)",
+    )
+    teacher: str | None = _f(
+        None,
+        "RUN[:WEIGHTS] teacher of --distill (implies it): a finished run folder (its adapters.safetensors) or one "
+        "of its files, e.g. RUN:cycles/cycle_0.safetensors; same backbone and classes as this run",
+    )
+    distill_alpha: float = _f(0.5, "weight a of the distillation term, in [0, 1]")
+    distill_temp: float = _f(2.0, "temperature T of the distillation term (> 0)")
     # optimisation
     epochs: int = _f(10, "epochs per cycle")
     first_epochs: int | None = _f(None, "epochs of cycle 0 (the large adapters); default: --epochs")
@@ -100,6 +141,15 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"config: {msg}")
+        if self.teacher is not None:
+            self.distill = True  # naming a teacher is asking for distillation
+        DistillOptions(alpha=self.distill_alpha, temp=self.distill_temp, teacher=self.teacher)  # its checks
+
+    def distill_options(self) -> DistillOptions | None:
+        """The run's :class:`DistillOptions`; None when it does not distill."""
+        if not self.distill:
+            return None
+        return DistillOptions(alpha=self.distill_alpha, temp=self.distill_temp, teacher=self.teacher)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

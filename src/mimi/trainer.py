@@ -7,6 +7,7 @@ Run folder::
     metrics.jsonl        one line per epoch
     summary.json         one entry per cycle (params, sizes, val/test accuracy, seconds)
     cycles/cycle_K.safetensors, adapters.safetensors (final)
+    teacher.safetensors, teacher_logits.safetensors   --distill: the teacher and its cached logits
     checkpoint.safetensors   last epoch: trained tensors + optimizer state (resume)
     plots/*.png, report.md
 """
@@ -23,7 +24,7 @@ from mimi.core import taskfile as ckpt
 from mimi.core.adapters import adapter_param_count, count_trainable
 from mimi.core.errors import CheckpointError, ConfigError
 from mimi.core.files import atomic_write_json, remove_stale_temp_files
-from mimi.training import distributed
+from mimi.training import distill, distributed
 from mimi.training.engine import (
     evaluate,
 )
@@ -55,7 +56,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> list
         raise ConfigError(
             f"{out} already holds a run; continue it with `mimi train --resume {out}` or pick another --out"
         )
-    preflight(cfg)  # names, flags, data listing, budget, output folder: before any weights load or image decodes
+    preflight(cfg)  # names, flags, data listing, budget, teacher, output folder: before any weights load or decode
+    distill.remove_saved(out)  # a new run makes its teacher again (an attempt stopped before its first checkpoint)
     world, device = distributed.init(cfg.device)
     run = build_run(cfg, device=device)
     trainer = Trainer(run, log=log, world=world)  # validates the budget before anything is written

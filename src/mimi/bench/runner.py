@@ -75,11 +75,8 @@ def _result(run: BenchRun, summary: list[dict], seconds: float) -> dict[str, Any
     }
 
 
-def run_one(run: BenchRun, results: Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one run (resuming its folder if a previous attempt was cut) and write its JSON."""
-    from mimi import trainer
-
-    record: dict[str, Any] = {
+def _record(run: BenchRun) -> dict[str, Any]:
+    return {
         "id": run.id,
         "task": run.task,
         "group": run.group,
@@ -93,6 +90,41 @@ def run_one(run: BenchRun, results: Path, *, log: Callable[[str], None] | None =
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def unmet(run: BenchRun, results: Path) -> str | None:
+    """Why a run taught by another run of the spec (``teacher_from``) cannot start now; None when it can.
+
+    A follower already started holds its teacher in its own folder and always can; a new one needs its lead
+    finished and the lead's weights file still there.
+    """
+    if run.after is None or (Path(run.config["out"]) / "checkpoint.safetensors").is_file():
+        return None
+    if status(results / f"{run.after}.json") != "ok":
+        return f"its teacher's run {run.after} has not finished"
+    from mimi.training.distill import parse_teacher
+
+    _, path = parse_teacher(run.config["teacher"])
+    if not path.is_file():
+        return (
+            f"its teacher {path} is gone (run folders do not survive a move to another machine): delete "
+            f"{results / (run.after + '.json')} to train the pair again"
+        )
+    return None
+
+
+def record_failure(run: BenchRun, results: Path, error: str) -> dict[str, Any]:
+    """Write (and return) the JSON of a run that could not start."""
+    record = {**_record(run), "status": "failed", "error": error, "wall_seconds": 0.0}
+    atomic_write_json(results / f"{run.id}.json", record)
+    return record
+
+
+def run_one(run: BenchRun, results: Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one run (resuming its folder if a previous attempt was cut) and write its JSON."""
+    from mimi import trainer
+
+    record = _record(run)
     t0 = time.perf_counter()
     out = Path(run.config["out"])
     try:

@@ -36,78 +36,104 @@ def _setup(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     # Imported here, not at the top: mimi.bench.spec loads every method, and `mimi --help` imports this module.
     from mimi.bench import runner
-    from mimi.bench.claims import claim, claimed, release
-    from mimi.bench.runner import estimate_seconds, read_queue, status
+    from mimi.bench.claims import claim, release
+    from mimi.bench.runner import read_queue, status
     from mimi.bench.spec import BenchSpec
 
     spec = BenchSpec.load(args.spec)
-    runs = spec.expand()
-    every = {r.id for r in runs}  # a queued id of another shard, or outside --only, is skipped, not an error
+    every_run = spec.expand()
+    every = {r.id for r in every_run}  # a queued id of another shard, or outside --only, is skipped, not an error
+    # a job is a run, or a lead and the runs it teaches (teacher_from): sharded, claimed and run as one
+    jobs = BenchSpec.jobs(every_run)
+    job_of = {r.id: key for key, members in jobs.items() for r in members}
     i, n = args.shard
-    runs = [r for k, r in enumerate(runs) if k % n == i and (not args.only or re.search(args.only, r.id))]
-    by_id = {r.id: r for r in runs}
+    keys = [
+        key
+        for k, (key, members) in enumerate(jobs.items())
+        if k % n == i and (not args.only or any(re.search(args.only, r.id) for r in members))
+    ]
+    selected = set(keys)
+
+    def queued(strict: bool, warned: set[str] | None = None) -> list[str]:
+        order = [job_of[q] for q in read_queue(args.queue, every, strict=strict, warned=warned)]
+        return list(dict.fromkeys(k for k in order if k in selected))
+
     if args.queue:
-        runs = [by_id[q] for q in read_queue(args.queue, every, strict=True) if q in by_id]
+        keys = queued(strict=True)
+    runs = [r for key in keys for r in jobs[key]]
     results = Path(spec.results)
     results.mkdir(parents=True, exist_ok=True)
     done = {r.id for r in runs if status(results / f"{r.id}.json") == "ok"}
     print(f"{spec.name}: {len(runs)} runs in shard {i}/{n}, {len(done)} already done")
     if args.dry_run:
-        todo = [r for r in runs if r.id not in done]
-        guess = estimate_seconds(todo, results)
-        left = dict(guess)  # seconds still to go: a running run has spent some of its guess
-        running, holders = 0, set()
-        for run in todo:
-            eta = f"~{guess[run.id] / 60:.0f} min" if run.id in guess else "? min"
-            held = claimed(results, run.id)
-            if held is None:
-                print(f"  todo {run.id}  ({eta})")
-                continue
-            running += 1
-            holders.add(held[0])
-            if run.id in left:
-                left[run.id] = max(0.0, left[run.id] - held[1])
-            print(f"  running {run.id}  ({held[0]}, {held[1] / 60:.0f} min so far of {eta})")
-        if todo:
-            known = sum(left.values()) / 3600
-            what = f"{len(todo)} to do ({running} running)" if running else f"{len(todo)} to do"
-            print(f"{what}: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind")
-            if len(holders) > 1:
-                print(f"  ~{known / len(holders):.1f} h of wall if the {len(holders)} workers holding runs now go on")
-            if len(guess) < len(todo):
-                print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
+        _dry_run([r for r in runs if r.id not in done], results, job_of)
         return 0
-    failed, tried, warned = 0, set(done), set()
+    failed, tried, started, warned = 0, set(), 0, set()
     while True:
         if args.queue:  # re-read: the order may have changed since the last run
             try:
-                runs = [by_id[q] for q in read_queue(args.queue, every, strict=False, warned=warned) if q in by_id]
+                keys = queued(strict=False, warned=warned)
             except ConfigError as e:  # moved or being replaced: keep the last order
                 print(f"warning: {e}")
-        run = next((r for r in runs if r.id not in tried), None)
-        if run is None:
+        key = next((k for k in keys if k not in tried), None)
+        if key is None:
             break
-        tried.add(run.id)
-        if status(results / f"{run.id}.json") == "ok":
+        tried.add(key)
+        members = jobs[key]
+        if all(status(results / f"{r.id}.json") == "ok" for r in members):
             continue  # done since this sweep started, by another worker sharing the results folder
-        if not claim(results, run.id):
+        if not claim(results, key):
             continue  # another worker is running it
         try:
-            if status(results / f"{run.id}.json") == "ok":
-                continue  # finished by another worker between our check and our claim
-            print(f"[{len(tried - done)}/{len(runs) - len(done)}] {run.id}")
-            rec = runner.run_one(run, results, log=(lambda s: None) if args.quiet else None)
+            for run in members:
+                if status(results / f"{run.id}.json") == "ok":
+                    continue  # finished by another worker between our check and our claim, or in an earlier sweep
+                started += 1
+                print(f"[{started}/{len(runs) - len(done)}] {run.id}")
+                why = runner.unmet(run, results)
+                if why is not None:
+                    rec = runner.record_failure(run, results, why)
+                else:
+                    rec = runner.run_one(run, results, log=(lambda s: None) if args.quiet else None)
+                failed += rec["status"] != "ok"
+                acc = f"test {100 * rec['test_acc']:.2f}%" if rec["status"] == "ok" else rec["error"]
+                print(f"    {rec['status']}: {acc} ({rec['wall_seconds']:.0f}s)")
         finally:
-            release(results, run.id)
-        failed += rec["status"] != "ok"
-        acc = f"test {100 * rec['test_acc']:.2f}%" if rec["status"] == "ok" else rec["error"]
-        print(f"    {rec['status']}: {acc} ({rec['wall_seconds']:.0f}s)")
+            release(results, key)
     if args.report:
         from mimi.reporting.bench_report import load_results, write_report
 
         if load_results(results):  # nothing yet when other workers hold every run
             write_report(results)
     return 1 if failed else 0
+
+
+def _dry_run(todo: list, results: Path, job_of: dict[str, str]) -> None:
+    from mimi.bench.claims import claimed
+    from mimi.bench.runner import estimate_seconds
+
+    guess = estimate_seconds(todo, results)
+    left = dict(guess)  # seconds still to go: a running run has spent some of its guess
+    running, holders = 0, set()
+    for run in todo:
+        eta = f"~{guess[run.id] / 60:.0f} min" if run.id in guess else "? min"
+        held = claimed(results, job_of.get(run.id, run.id))  # a job's runs are held under its lead's claim
+        if held is None:
+            print(f"  todo {run.id}  ({eta})")
+            continue
+        running += 1
+        holders.add(held[0])
+        if run.id in left:
+            left[run.id] = max(0.0, left[run.id] - held[1])
+        print(f"  running {run.id}  ({held[0]}, {held[1] / 60:.0f} min so far of {eta})")
+    if todo:
+        known = sum(left.values()) / 3600
+        what = f"{len(todo)} to do ({running} running)" if running else f"{len(todo)} to do"
+        print(f"{what}: ~{known:.1f} h of one worker by the median wall time of finished runs of the same kind")
+        if len(holders) > 1:
+            print(f"  ~{known / len(holders):.1f} h of wall if the {len(holders)} workers holding runs now go on")
+        if len(guess) < len(todo):
+            print(f"  ({len(todo) - len(guess)} with no finished run of their kind to go by)")
 
 
 def _report_setup(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,8 @@ class TaskData:
         test: Test split, only for the final report.
         num_classes: Size of the label space (may exceed the labels present in a small split).
         classes: Class names indexed by label, when the source provides them.
+        train_augmented: True where the train split draws random augmentation per item (an image is never
+            twice the same); a distilling run then asks its teacher per batch instead of once per image.
     """
 
     name: str
@@ -56,6 +58,7 @@ class TaskData:
     test: Dataset
     num_classes: int
     classes: list[str] | None = None
+    train_augmented: bool = False
 
 
 @dataclass(frozen=True)

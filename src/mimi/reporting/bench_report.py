@@ -195,8 +195,9 @@ def _compare_rows(named: dict[str, list[dict]], ref: str | None) -> list[list[st
 
 
 def _is_mimi(rec: dict) -> bool:
+    """Plain MiMi: the default score, no distillation (a distilled MiMi is a method compared with it)."""
     cfg = rec.get("config", {})
-    return cfg.get("method") == "mimi" and cfg.get("score", "mimi") == "mimi"
+    return cfg.get("method") == "mimi" and cfg.get("score", "mimi") == "mimi" and not cfg.get("distill")
 
 
 def _cycle_points(ok: list[dict], budget: int, slack: float) -> list[dict]:
@@ -420,7 +421,7 @@ def ablation_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
     by_r: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in ok:
         cfg = r.get("config", {})
-        if cfg.get("method") in ("mimi", "mimi-oneshot") and size_r(r) is not None:
+        if cfg.get("method") in ("mimi", "mimi-oneshot") and size_r(r) is not None and not cfg.get("distill"):
             name = f"{cfg.get('score', 'mimi')}" + (", one-shot" if cfg["method"] == "mimi-oneshot" else "")
             by_r[size_r(r)][name].append(r)
     rows = []
@@ -571,11 +572,12 @@ def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path 
 def role_table(ok: list[dict], method: str) -> list[list[str]]:
     """Where ``method``'s pruning leaves its units (hidden neurons, or LoRA ranks), per budget: the mean over
     runs of the units kept in each role (``attn.qkv``, ``mlp.fc1``, ...; summed over blocks) and their share.
-    Runs with the default ``mimi`` score only, so that ablation runs do not mix in."""
+    Runs with the default ``mimi`` score and no distillation only, so that ablation runs do not mix in."""
     by_r: dict[int, list[dict]] = defaultdict(list)
     for r in ok:
         cfg = r.get("config", {})
-        if r.get("method") == method and r.get("layout") and cfg.get("score", "mimi") == "mimi" and size_r(r):
+        plain = cfg.get("score", "mimi") == "mimi" and not cfg.get("distill")
+        if r.get("method") == method and r.get("layout") and plain and size_r(r):
             by_r[size_r(r)].append(r)
     if not by_r:
         return []

@@ -57,6 +57,27 @@ def loader(
     return DataLoader(dataset, batch_sampler=[b[rank::world] for b in batches if len(b) >= world], num_workers=0)
 
 
+class Indexed(Dataset):
+    """``dataset`` whose items also carry their position: ``(image, label, index)``. The order a seeded loader draws
+    depends only on the dataset's length, so wrapping changes no batch; the index finds an image's cached teacher
+    logits."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        x, y = self.dataset[index]
+        return x, y, index
+
+
+#: A training loss other than cross-entropy: ``(logits (B, C) fp32, labels (B,), images (B, 3, H, W), indices (B,)
+#: or None) -> loss``.
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 @dataclass
 class StepContext:
     """What one epoch of training needs besides the model and the data."""
@@ -68,6 +89,7 @@ class StepContext:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     after_backward: Callable[[int], None] | None = None  # called with the global step
+    criterion: Criterion | None = None  # None: cross-entropy with label_smoothing
 
 
 def train_epoch(
@@ -77,11 +99,15 @@ def train_epoch(
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(data, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
-    for x, y in bar:
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)  # (B, 3, H, W), (B,)
+    for batch in bar:
+        x, y = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)  # (B,3,H,W), (B,)
+        index = batch[2] if len(batch) > 2 else None  # (B,) positions in the dataset, from an Indexed one
         with autocast(ctx.device, ctx.amp_dtype):
             logits = model(x)  # (B, C)
-            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+            if ctx.criterion is None:
+                loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+            else:
+                loss = ctx.criterion(logits.float(), y, x, index)
         value = loss.item()  # one sync per step, needed for the running mean anyway
         if not math.isfinite(value):  # stop before the step: NaN gradients would spoil every weight
             raise TrainingError(f"the loss became {value} at step {ctx.scheduler.last_epoch}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -14,13 +15,14 @@ from torch import nn
 
 from mimi.core import taskfile as ckpt
 from mimi.core.adapters import adapter_param_count, adapters, count_trainable
-from mimi.core.errors import ConfigError, TrainingError
+from mimi.core.errors import CheckpointError, ConfigError, TrainingError
 from mimi.core.files import atomic_write_json
 from mimi.core.schedule import MiMiPruner
 from mimi.core.scores import GradientAccumulator
-from mimi.training import distributed
+from mimi.training import distill, distributed
 from mimi.training.distributed import World
 from mimi.training.engine import (
+    Indexed,
     StepContext,
     evaluate,
     loader,
@@ -61,6 +63,8 @@ class Trainer:
         self.position = {"cycle": 0, "epoch": 0, "cycle_done": False, "elapsed": 0.0}
         self.writer = None  # TensorBoard, opened by fit() once the run folder exists
         self.last_val: dict | None = None  # the last epoch's validation result (reused when the cycle ends)
+        self.distill = self.cfg.distill_options()
+        self.teacher: distill.Teacher | None = None  # made or read back when the first distilled cycle starts
 
     def _wrap(self) -> nn.Module:
         """The module the loop trains: the model itself, or under torchrun a DDP wrapper (rebuilt after a prune,
@@ -92,7 +96,7 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return opt, sched
 
-    def _context(self, opt, sched) -> StepContext:
+    def _context(self, opt, sched, teacher: distill.Teacher | None = None) -> StepContext:
         def after_backward(step: int) -> None:
             self.run.method.after_backward(self.run.model, step)
             if self.grad_acc is not None:
@@ -106,7 +110,69 @@ class Trainer:
             label_smoothing=self.cfg.label_smoothing,
             grad_clip=self.cfg.grad_clip,
             after_backward=after_backward,
+            criterion=None
+            if teacher is None
+            else distill.criterion(teacher, self.distill, label_smoothing=self.cfg.label_smoothing),
         )
+
+    # -- distillation: the teacher is made once, saved in the run folder, and read back from there on resume
+    def _distilled(self, cycle: int) -> bool:
+        """Whether ``cycle`` learns from a teacher: with --distill, every cycle of a run given --teacher, and every
+        cycle after the first of a pruning run (its own model at the end of cycle 0 teaches)."""
+        return self.distill is not None and (self.distill.teacher is not None or cycle > 0)
+
+    def _teacher(self, cycle: int) -> distill.Teacher | None:
+        """The teacher of ``cycle`` (None: cross-entropy alone)."""
+        if not self._distilled(cycle):
+            return None
+        if self.teacher is None:
+            cached = not self.run.task.train_augmented
+            if distill.saved(self.run.out, cached=cached):
+                n = len(self.run.task.train)
+                self.teacher = distill.load_teacher(self.run.out, cached=cached, n_train=n, device=self.run.device)
+            elif self.distill.teacher is not None:
+                self.teacher = self._teacher_from_run(self.distill.teacher)
+            else:
+                raise CheckpointError(
+                    f"{self.run.out}: {distill.TEACHER_FILE} (the model of cycle 0, the teacher of later cycles) is "
+                    "missing; the run cannot go on distilled: start it again"
+                )
+        return self.teacher
+
+    def _teacher_from_run(self, spec: str) -> distill.Teacher:
+        cfg, path = distill.teacher_config(spec)
+        model = distill.teacher_model(cfg, path, device=self.run.device)
+        distill.check_same_backbone(model, self.run.model, spec)
+        if self.world.main:
+            distill.save_teacher(self.run.out, cfg=cfg, spec=spec, path=path)
+        return self._teach_with(model, spec)
+
+    def _own_teacher(self) -> distill.Teacher:
+        """The model as it stands at the end of cycle 0, frozen: the teacher of every later cycle."""
+        if self.world.main:
+            distill.save_teacher(self.run.out, cfg=self.cfg, spec="cycle 0", model=self.run.model)
+        if self.run.task.train_augmented:  # asked per batch: a frozen copy, since the model itself goes on training
+            return self._teach_with(copy.deepcopy(self.run.model).requires_grad_(False).eval(), "cycle 0")
+        return self._teach_with(self.run.model, "cycle 0")  # its logits are all that is kept
+
+    def _teach_with(self, model: nn.Module, spec: str) -> distill.Teacher:
+        if self.run.task.train_augmented:
+            distributed.barrier(self.world)
+            return distill.Teacher(model=model)
+        logits = distill.compute_logits(
+            model,
+            self.run.task.train,
+            num_classes=self.run.task.num_classes,
+            device=self.run.device,
+            batch_size=self.cfg.eval_batch_size,
+            amp_dtype=self.run.amp_dtype,
+            world=self.world,
+        )
+        if self.world.main:
+            distill.save_logits(self.run.out, logits, spec)
+        distributed.barrier(self.world)  # every rank sees the files before any of them goes on
+        self.log(f"   teacher ({spec}): logits of the {len(logits)} training images cached")
+        return distill.Teacher(logits=logits.to(self.run.device))  # looked up where the student's logits are
 
     def _eval(self, split: str) -> dict:
         ds = getattr(self.run.task, split)
@@ -150,13 +216,16 @@ class Trainer:
 
     def _train_cycle(self, cycle: int, start_epoch: int, opt, sched, t0: float) -> None:
         n_epochs = cycle_epochs(self.cfg, cycle)
-        ctx = self._context(opt, sched)
+        teacher = self._teacher(cycle)
+        ctx = self._context(opt, sched, teacher)
+        # a cached teacher is looked up by image index; the seeded order of the batches is the same either way
+        train = Indexed(self.run.task.train) if teacher is not None and teacher.cached else self.run.task.train
         self.last_val = None  # set by each epoch's validation pass
         for epoch in range(start_epoch, n_epochs):
             # Every source of randomness is a function of (seed, cycle, epoch): a resumed run is the same run.
             torch.manual_seed(self.cfg.seed * 1_000_003 + cycle * 10_007 + epoch)
             data = loader(
-                self.run.task.train,
+                train,
                 batch_size=self.cfg.batch_size,
                 shuffle=True,
                 seed=self.cfg.seed * 100_003 + cycle * 1009 + epoch,
@@ -217,8 +286,13 @@ class Trainer:
         }
         if self.best is not None:
             entry["selected_epoch"] = self.best["epoch"]
+        if self.distill is not None:
+            entry["distilled"] = self._distilled(cycle)
         entry.update(self.run.method.extra_info(self.run.model))
         self.summary.append(entry)
+        if self.distill is not None and self.distill.teacher is None and cycle == 0 and self.pruner is not None:
+            # before this cycle's checkpoint: a run resumed past cycle 0 finds the teacher in its folder
+            self.teacher = self._own_teacher()
         self.position = {"cycle": cycle, "epoch": entry["epochs"], "cycle_done": True, "elapsed": entry["seconds"]}
         if not self.world.main:
             return

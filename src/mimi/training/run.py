@@ -29,6 +29,7 @@ from mimi.core.scores import check_score
 from mimi.core.shrink import apply_plan
 from mimi.data import TaskData, build_task
 from mimi.methods import Method, get_method, parameter_budget
+from mimi.training.distill import check_teacher
 
 
 @dataclass
@@ -60,6 +61,9 @@ def task_metadata(run: Run) -> dict[str, str]:
     }
     if run.task.classes:
         meta["classes"] = json.dumps(list(run.task.classes))
+    distill = run.cfg.distill_options()
+    if distill is not None:  # teacher None: the run's own model at the end of cycle 0
+        meta["distill"] = json.dumps(distill.to_dict())
     return meta
 
 
@@ -76,7 +80,8 @@ def preflight(cfg: TrainConfig) -> None:
 
     Names (method, score, model, dataset, weights source), flags that depend on the model (image size against the
     patch size; a pruning budget against the adapters at insertion and the cheapest neuron), the data listing
-    (split files, image files, labels, paths) and whether the output folder can be created.
+    (split files, image files, labels, paths), a ``--distill`` teacher (backbone, classes) and whether the output
+    folder can be created.
     """
     if not cfg.data:
         raise ConfigError("no dataset given: pass --data (e.g. vtab1k:TASK with --data-root DIR)")
@@ -96,6 +101,7 @@ def preflight(cfg: TrainConfig) -> None:
         check_only=True,
     )
     method.options_from(cfg)  # --method-kwargs and the flags the method reads, refused here for every method
+    check_teacher(cfg, task.num_classes)  # --distill: a teacher there is, on this backbone, with these classes
     if method.traits.prunes:
         model.reset_classifier(task.num_classes)
         with torch.device("meta"):
