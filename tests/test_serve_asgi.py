@@ -210,6 +210,30 @@ def test_requests_queued_before_a_removal_are_answered_by_that_task(tmp_path):
     assert [a["task"] for a in answers] == ["c"] * 6 and "c" not in bank
 
 
+def test_a_batch_takes_requests_while_they_keep_coming(tmp_path):
+    """Requests arriving one wait apart or less join the batch past the first window (at most 4 waits in all):
+    clients answered together come back spread out, and a fixed window would split them over two batches."""
+    bank = _bank(tmp_path)
+    x = bank.preprocess([Image.open(io.BytesIO(_png(4)))])[0]
+    sizes: list[int] = []
+
+    async def go():
+        batcher = AsyncBatcher(bank, max_batch=8, wait_ms=150, on_batch=lambda n, _: sizes.append(n))
+        try:
+            pending = []
+            for _ in range(4):  # 0, 60, 120, 180 ms: the last after the first 150 ms window, within 4 x 150 ms
+                pending.append(asyncio.ensure_future(batcher.submit(x, "a", 1)))
+                await asyncio.sleep(0.06)
+            await asyncio.gather(*pending)
+            await asyncio.sleep(0.7)  # past every window: the next request opens a batch of its own
+            await batcher.submit(x, "a", 1)
+        finally:
+            batcher.close()
+
+    asyncio.run(go())
+    assert sizes == [4, 1], sizes
+
+
 def _wait(predicate, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

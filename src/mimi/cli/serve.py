@@ -26,7 +26,10 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests run in one batch (default: 32)")
     p.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)"
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for another request, again after each arrival, at most 4x in all (default: 5)",
     )
     p.add_argument("--max-queue", type=int, default=1024, help="most requests waiting; 503 past it (default: 1024)")
     p.add_argument("--max-image-bytes", type=int, default=20_000_000, help="largest request body (default: 20 MB)")

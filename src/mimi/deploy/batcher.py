@@ -1,7 +1,7 @@
 """Mixed-task batches for an async server: requests wait in one bounded queue; one worker thread runs them.
 
-The worker takes the first waiting request, then whatever else arrives within ``wait_ms`` (up to ``max_batch``),
-and runs them as one batch through the bank: the frozen backbone runs once, whatever the tasks. Changes to the
+The worker takes the first waiting request, then more while they keep coming: it waits ``wait_ms`` for the next one,
+again after each arrival, at most ``4 * wait_ms`` in all (and up to ``max_batch``), and runs them as one batch through the bank: the frozen backbone runs once, whatever the tasks. Changes to the
 bank (a task added, replaced or removed while serving) go through the same queue, so they happen between
 batches, in order: a request queued before a task is removed is answered by that task.
 """
@@ -52,7 +52,9 @@ class AsyncBatcher:
     Args:
         bank: the bank; only the worker thread touches it once the batcher runs.
         max_batch: most requests in one batch.
-        wait_ms: how long the worker waits for more requests after the first.
+        wait_ms: how long the worker waits for another request, after the first and after each arrival (at most
+            4x this in all). Clients answered together come back spread out: a fixed window would split them
+            over two half-full batches, forever.
         max_queue: most requests waiting (not yet taken into a batch); :meth:`submit` raises :class:`QueueFull`
             past it.
         on_batch: called on the worker thread with each batch's size and seconds (metrics).
@@ -114,7 +116,8 @@ class AsyncBatcher:
         first = self._queue.get()
         if not isinstance(first, _Job):
             return [], first
-        jobs, deadline = [first], time.monotonic() + self.wait
+        start = time.monotonic()
+        jobs, deadline, cap = [first], start + self.wait, start + 4 * self.wait
         while len(jobs) < self.max_batch:
             try:
                 nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -123,6 +126,7 @@ class AsyncBatcher:
             if not isinstance(nxt, _Job):
                 return jobs, nxt  # run the batch first: a change waits for the requests queued before it
             jobs.append(nxt)
+            deadline = min(cap, time.monotonic() + self.wait)  # still coming: wait as long again for the next
         return jobs, None
 
     def _loop(self) -> None:
