@@ -48,6 +48,7 @@ class TaskData:
         test: Test split, only for the final report.
         num_classes: Size of the label space (may exceed the labels present in a small split).
         classes: Class names indexed by label, when the source provides them.
+        license: Licence of the data, when the source records one (MiniVTAB's ``minivtab.json`` does).
     """
 
     name: str
@@ -56,6 +57,7 @@ class TaskData:
     test: Dataset
     num_classes: int
     classes: list[str] | None = None
+    license: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def task_metadata(run: Run) -> dict[str, str]:
     }
     if run.task.classes:
         meta["classes"] = json.dumps(list(run.task.classes))
+    if getattr(run.task, "license", None):
+        meta["license"] = run.task.license
     return meta
 
 
