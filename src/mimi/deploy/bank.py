@@ -181,7 +181,8 @@ class AdapterBank:
         return f"AdapterBank({self.name or type(self.model).__name__}, {self.img_size}px, tasks={self.tasks})"
 
     def add(self, task: str, path: str | Path, *, replace: bool = False) -> None:
-        """Load a task file (``mimi.save_adapters`` / ``mimi export``, float16 too) into the bank.
+        """Load a task file (``mimi.save_adapters`` / ``mimi export``: float32, float16 or int8) or a PEFT LoRA
+        folder (``save_pretrained`` of a LoRA on a timm model, or ``mimi export --peft``) into the bank.
 
         Everything is checked before anything changes: a file made for another architecture or width raises
         :class:`CheckpointError` naming the mismatch and leaves the bank as it was.
