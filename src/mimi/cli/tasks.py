@@ -1,4 +1,5 @@
-"""`mimi info` (what a task file or run holds) and `mimi export` (a run's task file, or ONNX)."""
+"""`mimi info` (what a task file, PEFT folder or run holds) and `mimi export` (a run as a task file, fp32 to int8; a PEFT
+LoRA folder; ONNX; a model card)."""
 
 from __future__ import annotations
 
@@ -241,6 +242,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command("info", "per-adapter sizes, parameter counts and bytes of a run or checkpoint", _info_setup, cmd_info),
     Command(
-        "export", "write a run's task file (e.g. float16) and/or the whole model as ONNX", _export_setup, cmd_export
+        "export",
+        "write a run as a task file (float16, int8...), a PEFT LoRA folder and/or ONNX, with a model card",
+        _export_setup,
+        cmd_export,
     ),
 ]
