@@ -92,3 +92,43 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on a hidden temporary folder beside ``path``, fsync its files, then rename it into place.
+
+    A failed ``write`` removes the temporary folder and leaves ``path`` as it was. A folder already at ``path`` is
+    moved aside first and removed after the rename: a reader sees the old folder or the complete new one (or, for
+    an instant, none), never a half-written one. The caller decides whether ``path`` may be replaced.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the old folder back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _fsync(path.parent, directory=True)
+    except OSError:
+        pass
+    return path

@@ -19,6 +19,7 @@ from mimi.core.errors import CheckpointError, ModelError
 from mimi.core.files import atomic_write
 from mimi.core.lora import apply_lora_layout, lora_layout
 from mimi.core.modules import architecture_of, classifier
+from mimi.core.quant import dequantize_state, quantize_state
 from mimi.core.shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
@@ -55,7 +56,9 @@ def save_adapters(
         extra_tensors: more tensors to store under their own names (e.g. optimizer state of a resumable
             checkpoint); they must not clash with parameter names and are ignored by :func:`load_adapters`.
         dtype: store the trained floating-point tensors in this dtype (e.g. ``torch.float16`` halves the
-            file; loading casts back to the model's dtype). Default: as trained, so logits reload exactly.
+            file; loading casts back to the model's dtype). ``torch.int8``: adapter and LoRA weights as int8 with a
+            float16 scale per output channel, biases and head in float16 (see :mod:`mimi.core.quant`); dequantised
+            once when read. Default: as trained, so logits reload exactly.
 
     Returns:
         The path written.
@@ -80,7 +83,11 @@ def save_adapters(
         meta["lora"] = json.dumps(layout)  # per-layer rank and alpha: uneven ranks reload from the file alone
     meta.update(metadata or {})
     tensors = trained_state(model)
-    if dtype is not None:
+    if dtype == torch.int8:
+        tensors, qmeta = quantize_state(tensors, keep_float=set(head_param_names(model)))
+        meta.update(qmeta)
+        meta["stored_dtype"] = "int8"
+    elif dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         meta["stored_dtype"] = str(dtype).removeprefix("torch.")
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
@@ -140,12 +147,16 @@ def check_architecture(model: nn.Module, meta: dict[str, str], path: str | Path)
         )
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path, *, dequantize: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; int8 ones (``mimi export --dtype int8``) dequantised to float32 unless
+    ``dequantize`` is False (then as stored, their scales included)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: a truncated or damaged safetensors file ({e}); write it again") from e
+    return dequantize_state(tensors, meta, path) if dequantize else tensors
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:

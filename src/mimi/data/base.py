@@ -50,6 +50,7 @@ class TaskData:
         classes: Class names indexed by label, when the source provides them.
         train_augmented: True where the train split draws random augmentation per item (an image is never
             twice the same); a distilling run then asks its teacher per batch instead of once per image.
+        license: Licence of the data, when the source records one (MiniVTAB's ``minivtab.json`` does).
     """
 
     name: str
@@ -59,6 +60,7 @@ class TaskData:
     num_classes: int
     classes: list[str] | None = None
     train_augmented: bool = False
+    license: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Any folder in this layout is a task, which is how the project's own MiniVTAB sui
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from mimi.core.errors import DataError
@@ -136,6 +138,17 @@ def build_vtab1k(task: str, *, root: Path | None, trainval: bool, opts: LoadOpti
         check_files(split, name)
     num_classes, classes = _classes(task_dir, [train, val, test])
     cache_dir = task_dir / ".cache"
-    return task_from_sources(
+    task = task_from_sources(
         name, (train, val, test), opts, num_classes=num_classes, classes=classes, cache_dir=cache_dir
     )
+    return dataclasses.replace(task, license=_licence(task_dir))
+
+
+def _licence(task_dir: Path) -> str | None:
+    """The data licence a MiniVTAB build records in ``minivtab.json`` (None for other folders)."""
+    try:
+        spec = json.loads((task_dir / "minivtab.json").read_text()).get("spec", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    lic = spec.get("licence") if isinstance(spec, dict) else None
+    return lic if isinstance(lic, str) and lic else None

@@ -181,7 +181,8 @@ class AdapterBank:
         return f"AdapterBank({self.name or type(self.model).__name__}, {self.img_size}px, tasks={self.tasks})"
 
     def add(self, task: str, path: str | Path, *, replace: bool = False) -> None:
-        """Load a task file (``mimi.save_adapters`` / ``mimi export``, float16 too) into the bank.
+        """Load a task file (``mimi.save_adapters`` / ``mimi export``: float32, float16 or int8) or a PEFT LoRA
+        folder (``save_pretrained`` of a LoRA on a timm model, or ``mimi export --peft``) into the bank.
 
         Everything is checked before anything changes: a file made for another architecture or width raises
         :class:`CheckpointError` naming the mismatch and leaves the bank as it was.
@@ -244,6 +245,11 @@ class AdapterBank:
 
     def _build(self, f: TaskFile) -> _Built:
         mine, theirs = self.architecture, f.architecture
+        if f.model_class and f.model_class != type(self.model).__name__:
+            raise CheckpointError(
+                f"{f.path}: made for a {f.model_class}, but the bank's backbone is a {type(self.model).__name__}: "
+                "another architecture; build a bank with that backbone"
+            )
         if mine and theirs and mine != theirs:
             raise CheckpointError(
                 f"{f.path}: made for {f.model or theirs}, but the bank's backbone is {self.name or mine}: another "
@@ -284,7 +290,10 @@ class AdapterBank:
         for layer, spec in f.lora.items():
             base = self._linears.get(layer)
             if base is None:
-                raise CheckpointError(f"{f.path}: LoRA layer {layer!r} does not exist in this backbone")
+                raise CheckpointError(
+                    f"{f.path}: LoRA layer {layer!r} does not exist in this backbone ({type(self.model).__name__}, "
+                    f"{len(find_blocks(self.model))} blocks): the file was made for another depth or architecture"
+                )
             t = f.lora_tensors.get(layer, {})
             a, b = t.get("lora_a.weight"), t.get("lora_b.weight")
             rank = int(spec["rank"])

@@ -1,5 +1,6 @@
 """A folder of task files followed while serving: a file that appears is added, one that disappears is removed,
-one that changes is replaced (task name = file stem).
+one that changes is replaced (task name = file stem). A PEFT LoRA folder inside it is a task too (name = folder
+name; it changes when its ``adapter_config.json`` or ``adapter_model.safetensors`` does).
 
 :class:`TaskDir` only compares listings; the server applies the changes through its batcher, between batches. A
 file that cannot be added is logged and counted by the server, and not tried again until it changes.
@@ -13,6 +14,7 @@ from pathlib import Path
 from mimi.core.errors import ConfigError
 
 SUFFIXES = (".safetensors",)
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # as in mimi.deploy.peft_folder (kept light here)
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,21 @@ class Change:
 
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
+        if path.is_dir():  # a PEFT folder: its two files together
+            stats = [(path / name).stat() for name in PEFT_FILES]
+            return max(st.st_mtime_ns for st in stats), sum(st.st_size for st in stats)
         st = path.stat()
     except OSError:  # removed between the listing and the stat
         return None
     return st.st_mtime_ns, st.st_size
+
+
+def _is_task(p: Path) -> bool:
+    if p.name.startswith("."):  # hidden files include the temporary files of an atomic write in progress
+        return False
+    if p.is_dir():
+        return (p / PEFT_FILES[0]).is_file()
+    return p.suffix in SUFFIXES and p.is_file()
 
 
 class TaskDir:
@@ -44,11 +57,11 @@ class TaskDir:
     def listing(self) -> dict[str, tuple[Path, tuple[int, int]]]:
         out = {}
         for p in sorted(self.folder.iterdir()):
-            if p.name.startswith(".") or p.suffix not in SUFFIXES or not p.is_file():
-                continue  # hidden files include the temporary files of an atomic write in progress
+            if not _is_task(p):
+                continue
             stamp = _stamp(p)
             if stamp is not None:
-                out[p.stem] = (p, stamp)
+                out[p.name if p.is_dir() else p.stem] = (p, stamp)
         return out
 
     def scan(self) -> list[Change]:

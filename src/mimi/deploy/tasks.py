@@ -49,6 +49,8 @@ class TaskFile:
         head_params: parameters of the head.
         weights_source: where the backbone's weights came from when it was trained (``imgfocus``, ``hub``, a
             file path, ``random-init``...), if recorded.
+        model_class: the model class it was trained on (``VisionTransformer``), where recorded (PEFT folders).
+        license: licence of the training data, where the data source records one.
     """
 
     path: Path
@@ -71,6 +73,8 @@ class TaskFile:
     adapter_params: int = 0
     head_params: int = 0
     weights_source: str | None = None
+    model_class: str | None = None
+    license: str | None = None
 
     def __post_init__(self) -> None:
         groups = list(self.adapter_tensors.values()) + list(self.lora_tensors.values())
@@ -123,8 +127,16 @@ def _split(path: Path, tensors: dict[str, torch.Tensor], trainable: list[str], h
 
 
 def read_task_file(path: str | Path) -> TaskFile:
-    """Read and check a task file; raises :class:`CheckpointError` naming what is wrong."""
+    """Read and check a task file (or a PEFT LoRA folder); raises :class:`CheckpointError` naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        from mimi.deploy.peft_folder import is_peft_folder, read_peft_folder
+
+        if not is_peft_folder(path):
+            raise CheckpointError(
+                f"{path}: a folder without adapter_config.json; give a task file (.safetensors) or a PEFT LoRA folder"
+            )
+        return read_peft_folder(path)
     meta = read_metadata(path)
     try:
         tensors = load_tensors(path)
@@ -166,6 +178,7 @@ def read_task_file(path: str | Path) -> TaskFile:
         file_bytes=path.stat().st_size,
         stored_dtype=meta.get("stored_dtype", str(next(iter(tensors.values())).dtype).removeprefix("torch.")),
         weights_source=meta.get("weights_source") or None,
+        license=meta.get("license") or None,
     )
 
 

@@ -64,6 +64,8 @@ def task_metadata(run: Run) -> dict[str, str]:
     distill = run.cfg.distill_options()
     if distill is not None:  # teacher None: the run's own model at the end of cycle 0
         meta["distill"] = json.dumps(distill.to_dict())
+    if run.task.license:
+        meta["license"] = run.task.license
     return meta
 
 
