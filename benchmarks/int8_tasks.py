@@ -9,6 +9,7 @@ scored on the task's test split; the JSON records bytes, accuracies, the int8 - 
 
     python benchmarks/int8_tasks.py                      # 3 tasks (~15 min of training each on 2 CPU cores)
     python benchmarks/int8_tasks.py --tasks digits elpv_type fmnist_count fashion_mnist
+    python benchmarks/int8_tasks.py --spec configs/bench/minivtab_distill.yaml --label mimi-distill  # reuse those runs
     python benchmarks/int8_tasks.py --quick              # a smoke run on a generated toy task (JSON in /tmp)
     python benchmarks/int8_tasks.py --bytes-only         # bytes alone, no training (below; about a minute)
 
@@ -50,10 +51,10 @@ TARGET_BYTES = 100_000
 TARGET_POINTS = 0.2
 
 
-def grid_config(task: str, spec_path: Path) -> tuple[str, dict, dict | None]:
+def grid_config(task: str, spec_path: Path, label: str = "mimi") -> tuple[str, dict, dict | None]:
     """The run id and config of the grid's r=3 MiMi run of ``task`` (seed 0), and the grid's JSON of it if any."""
     spec = BenchSpec.load(spec_path)
-    wanted = f"{task}__mimi__budgetdim3__s0"
+    wanted = f"{task}__{label}__budgetdim3__s0"
     run = next((r for r in spec.expand() if r.id == wanted), None)
     if run is None:
         raise SystemExit(f"{spec_path} has no run {wanted}; tasks: {sorted({r.task for r in spec.expand()})}")
@@ -226,6 +227,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["digits", "elpv_type", "fmnist_count"], help="MiniVTAB tasks")
     p.add_argument("--spec", type=Path, default=SPEC, help="the grid whose r=3 MiMi runs are retrained")
+    p.add_argument(
+        "--label",
+        default="mimi",
+        help="the spec's r=3 MiMi label (e.g. mimi-distill with --spec configs/bench/minivtab_distill.yaml: "
+        "its finished run folders are reused, not retrained)",
+    )
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "int8", help="run folders (resumable, reused)")
     p.add_argument("--out", type=Path, default=OUT, help="the JSON written")
     p.add_argument("--device", default="auto")
@@ -240,7 +247,7 @@ def main() -> None:
         args.runs = tmp / "runs"
         args.out = args.out if args.out != OUT else tmp / "int8_tasks_quick.json"  # toy numbers: not a result
     else:
-        jobs = [grid_config(t, args.spec) for t in args.tasks]
+        jobs = [grid_config(t, args.spec, args.label) for t in args.tasks]
     files = tmp / "files"
     results = {}
     start = time.perf_counter()
