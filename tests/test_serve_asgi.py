@@ -462,3 +462,69 @@ def test_the_stdlib_server_keeps_its_first_import_path():
     from mimi.deploy.stdlib_server import BankServer
 
     assert first is BankServer
+
+
+def test_two_replicas_over_one_task_folder_both_pick_up_a_new_file(tmp_path):
+    """The scale-out story: two `mimi serve --task-dir` processes, one shared folder, no coordination."""
+    task = _cli_task(tmp_path)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    shutil.copy(task, folder / "first.safetensors")
+    replicas = []
+    try:
+        for _ in range(2):  # --task-dir alone: the backbone is the one the folder's files record
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            argv = [sys.executable, "-m", "mimi", "serve", "--task-dir", str(folder), "--poll-seconds", "0.2"]
+            proc = subprocess.Popen(
+                [*argv, "--port", "0", "--device", "cpu"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            lines = [proc.stdout.readline() for _ in range(2)]
+            url = next(ln for ln in lines if " at http://" in ln).split(" at ")[1].split()[0]
+            replicas.append((proc, url))
+        for _, url in replicas:
+            _wait(lambda url=url: _request(f"{url}/ready")[0] == 200, timeout=60)
+        shutil.copy(task, folder / ".second.tmp")
+        os.replace(folder / ".second.tmp", folder / "second.safetensors")
+        answers = []
+        for _, url in replicas:
+            _wait(lambda url=url: "second" in _request(f"{url}/tasks")[1], timeout=30)
+            status, got, _ = _request(f"{url}/predict?task=second&topk=2", _png(7))
+            assert status == 200
+            answers.append(got)
+        assert answers[0]["ids"] == answers[1]["ids"] and answers[0]["probs"] == pytest.approx(answers[1]["probs"])
+    finally:
+        for proc, _ in replicas:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in replicas:
+            proc.communicate(timeout=60)
+    assert [proc.returncode for proc, _ in replicas] == [0, 0]
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size(served):
+    """PIL's draft mode: a 1600x1600 JPEG for a 32 px backbone is decoded at 1/8 scale, and answered like the
+    same picture sent small (both resized to the backbone's input)."""
+    url, _, service, bank = served
+    service.options.max_image_pixels, service.options.max_image_bytes = 4_000_000, 2_000_000
+    img = Image.new("RGB", (1600, 1600))
+    for y in range(0, 1600, 200):
+        for x in range(0, 1600, 200):
+            img.paste(((x // 7) % 256, (y // 7) % 256, 90), (x, y, x + 200, y + 200))
+    big = io.BytesIO()
+    img.save(big, "JPEG", quality=95)
+    decoded: list[tuple[int, int]] = []
+    real = bank.preprocess
+    bank.preprocess = lambda images: decoded.extend(i.size for i in images) or real(images)
+    try:
+        status, got, _ = _request(f"{url}/predict?task=a&topk=3", big.getvalue())
+    finally:
+        bank.preprocess = real
+    assert status == 200 and decoded == [(200, 200)], decoded
+    small = io.BytesIO()
+    img.resize((200, 200), Image.Resampling.BICUBIC).save(small, "JPEG", quality=95)
+    with Image.open(small) as s:
+        want = bank.predict(s, "a", 3)[0]
+    assert got["ids"] == want["ids"]
