@@ -288,3 +288,7 @@ def test_verdict_says_when_a_gap_does_not_hold_with_tasks_resampled():
     assert comp(None).verdict == "mimi ahead"  # one task: no second interval
     level = Comparison(3, "lora", PairedDiff(0.1, -0.4, 0.5, 21), 3, 3, 4, across_tasks=(-0.6, 0.7))
     assert level.verdict == "not separable at 3 seeds"
+    few = Comparison(3, "mimi-distill", PairedDiff(0.71, 0.63, 0.80, 2), 1, 2, 0, across_tasks=(0.63, 0.80))
+    assert few.verdict == "mimi-distill ahead in 2 pairs: too few to judge (< 6)"  # 2 of 2 agree: no verdict
+    six = Comparison(3, "mimi-distill", PairedDiff(0.71, 0.2, 1.2, 6), 1, 6, 0, across_tasks=(0.1, 1.3))
+    assert six.verdict == "mimi-distill ahead"

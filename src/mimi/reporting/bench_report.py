@@ -267,6 +267,11 @@ def _by_pair(recs: list[dict]) -> dict[tuple[str, int], float]:
     return {k: statistics.mean(v) for k, v in accs.items()}
 
 
+# Fewer pairs than this get no "ahead" verdict: even 5 of 5 differences of one sign have a two-sided sign-test
+# p of 0.06, while their percentile bootstrap interval always excludes 0.
+MIN_PAIRS = 6
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One method minus a reference (MiMi unless said) at budget ``r``, paired by (task, seed)."""
@@ -290,6 +295,8 @@ class Comparison:
         if d.holds(0.0):
             return f"not separable at {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}"
         v = f"{self.name} ahead" if d.mean > 0 else f"{self.ref} ahead"
+        if d.n < MIN_PAIRS:  # a bootstrap of a handful of pairs excludes 0 whenever they agree in sign
+            return f"{v} in {d.n} pairs: too few to judge (< {MIN_PAIRS})"
         if self.across_tasks is not None and self.across_tasks[0] <= 0.0 <= self.across_tasks[1]:
             v += " on these tasks; not with tasks resampled"  # the gap may not carry over to another task
         return v
@@ -670,7 +677,8 @@ def write_report(
             "Each method minus MiMi (test accuracy, points) at the same budget r, over the (task, seed) pairs "
             "both ran (a task with more seeds weighs more): the mean difference, its 95% percentile bootstrap "
             "interval (10,000 resamples of the pairs, fixed seed), and the tasks where the method's mean over "
-            "those seeds is above / below MiMi's. An interval holding 0 is not separable at that many seeds. "
+            "those seeds is above / below MiMi's. An interval holding 0 is not separable at that many seeds; "
+            f"fewer than {MIN_PAIRS} pairs get no verdict (a handful that agree in sign always exclude 0). "
             "The pairs' interval treats a task's seeds as independent of each other; *tasks resampled* is the "
             "two-stage bootstrap (tasks with replacement, then each drawn task's seeds), the wider interval to "
             "read when asking whether the gap carries over to another task.",
