@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_keep_alive=5,
             timeout_graceful_shutdown=max(30.0, args.request_timeout),
         )
-        server = _Server(config, service)
+        server = _server(config, service)
         host, port = sock.getsockname()[:2]
         what = (
             ", ".join(names)
@@ -149,25 +149,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_class():
+def _server(config, service):
+    """uvicorn's server, telling the service when a shutdown starts (``/ready`` then answers 503)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, telling the service when a shutdown starts (``/ready`` then answers 503)."""
-
-        def __init__(self, config, service) -> None:
-            super().__init__(config)
-            self.service = service
-
         def handle_exit(self, sig, frame) -> None:
-            self.service.set_draining()
+            service.set_draining()
             super().handle_exit(sig, frame)
 
-    return Server
-
-
-def _Server(config, service):  # noqa: N802 (a class, built when uvicorn is imported)
-    return _server_class()(config, service)
+    return Server(config)
 
 
 COMMANDS = [

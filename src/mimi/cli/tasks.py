@@ -162,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     card_path = _check_export_args(args)
     run = load_run(args.run_dir, weights=args.weights)
     classes = list(run.task.classes) if run.task.classes else None
-    license = getattr(run.task, "license", None)
+    license = run.task.license
     parts, written = None, {}
     if args.peft is not None:  # refused before anything is written
         try:
