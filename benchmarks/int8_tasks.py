@@ -16,7 +16,8 @@ scored on the task's test split; the JSON records bytes, accuracies, the int8 - 
 ``--bytes-only`` measures what needs no trained values: the bytes of each format for task files of the exact sizes
 the seven committed r=3 runs ended with (MiMi: ``*__mimi__budgetdim3__s0.json``; mimi-lora for the PEFT folder:
 ``*__mimi-lora__budgetdim3__s0.json``), random trained weights, the metadata ``mimi export`` writes (as
-benchmarks/bank.py does for fp32 / fp16); JSON: benchmarks/results/perf/task_bytes.json.
+benchmarks/bank.py does for fp32 / fp16), and the int8 bytes at every seed's sizes (``__s*``); JSON:
+benchmarks/results/perf/task_bytes.json.
 
 Needs the MiniVTAB data (``make minivtab``) and the offline backbone (``imgfocus``) except with ``--quick``.
 """
@@ -209,6 +210,15 @@ def task_bytes(out: Path) -> None:
             row["mimi_lora_peft_folder"] = sum(f.stat().st_size for f in folder.iterdir())
         tasks[task] = row
         print(task, row)
+    every = {}  # the int8 bytes at the final sizes of every seed's r=3 MiMi run: how close the largest comes
+    for path in sorted(results.glob("*__mimi__budgetdim3__s*.json")):
+        record = json.loads(path.read_text())
+        cfg = record["config"]
+        meta = {"method": "mimi", "model": cfg["model"], "weights_source": cfg["weights"]}
+        meta.update(img_size=str(cfg["img_size"]), data=record["task"])
+        f = save_adapters(sized_model(record, lora=False), tmp / "every.safetensors", dtype=torch.int8, metadata=meta)
+        every[path.stem] = f.stat().st_size
+    print(f"int8, every seed: {min(every.values()):,}-{max(every.values()):,} bytes over {len(every)} runs")
     record = {
         "script": "benchmarks/int8_tasks.py --bytes-only",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -217,6 +227,9 @@ def task_bytes(out: Path) -> None:
         "versions": _versions(),
         "note": "random trained weights of the committed runs' final sizes; bytes depend on shapes and metadata only",
         "tasks": tasks,
+        "mimi_int8_every_seed": every,
+        "mimi_int8_every_seed_max": max(every.values()),
+        "mimi_int8_every_seed_under_100000": sum(b < TARGET_BYTES for b in every.values()),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -17,8 +17,8 @@ from vtab_fixture import write_vtab_task
 import mimi
 from mimi.cli import main
 from mimi.core.errors import CheckpointError
-from mimi.core.quant import dequantize, quantize, scale_rows
-from mimi.core.taskfile import load_tensors, read_metadata
+from mimi.core.quant import CODES, FLOATS, SCALES, dequantize, quantize, scale_rows
+from mimi.core.taskfile import load_tensors, read_metadata, trainable_names
 from mimi.deploy.peft_folder import read_peft_folder
 from mimi.deploy.taskdir import TaskDir
 from mimi.trainer import load_run
@@ -67,6 +67,70 @@ def test_int8_task_file_loads_everywhere_and_is_smaller(kind, tmp_path):
     bank.add("q", i8)
     assert torch.allclose(bank.logits(x, "q"), got, atol=1e-5)
     assert bank.info()["q"]["stored_dtype"] == "int8" and bank.info()["q"]["bytes"] == i8.stat().st_size
+
+
+def _header(path) -> dict:
+    import struct
+
+    data = path.read_bytes()
+    return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+
+
+@pytest.mark.parametrize("kind", ["mimi", "mimi-lora"])
+def test_int8_file_is_packed_and_names_every_trained_tensor(kind, tmp_path):
+    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
+    make_task("vit", kind, 4, f32, seed=5)
+    make_task("vit", kind, 4, i8, seed=5, dtype=torch.int8)
+    header, exact = _header(i8), load_file(str(f32))
+    assert set(header) == {"__metadata__", CODES, SCALES, FLOATS}  # three tensors, not one entry per tensor
+    meta = header["__metadata__"]
+    assert "trainable" not in meta and trainable_names(meta) == json.loads(read_metadata(f32)["trainable"])
+    packed = json.loads(meta["int8_layout"])
+    assert [f"{m}.{p}" for m, ps in packed.items() for p in ps] == sorted(exact)
+    stored = load_tensors(i8, dequantize=False)  # unpacked: each tensor by name, as stored
+    assert {k: tuple(v.shape) for k, v in stored.items() if k != SCALES} == {
+        k: tuple(v.shape) for k, v in exact.items()
+    }
+    n_int8 = sum(t.numel() for n, t in exact.items() if t.ndim == 2 and n not in json.loads(meta["head"]))
+    assert header[CODES]["dtype"] == "I8" and header[CODES]["shape"] == [n_int8]
+
+
+def test_int8_file_of_the_first_layout_still_loads(tmp_path):
+    """One safetensors entry per tensor and a `trainable` list: what `mimi export --dtype int8` wrote first."""
+    i8, old = tmp_path / "i8.safetensors", tmp_path / "old.safetensors"
+    make_task("vit", "mimi", 4, i8, seed=2, dtype=torch.int8)
+    meta = dict(read_metadata(i8))
+    stored = load_tensors(i8, dequantize=False)
+    meta["trainable"] = json.dumps(sorted(k for k in stored if k != SCALES))
+    del meta["int8_layout"]
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(old), metadata=meta)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = mimi.load_adapters(bare("vit"), i8).eval()(x)
+        got = mimi.load_adapters(bare("vit"), old).eval()(x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "layout"])
+def test_damaged_int8_file_is_refused_in_one_line(damage, tmp_path):
+    i8, bad = tmp_path / "i8.safetensors", tmp_path / "bad.safetensors"
+    make_task("vit", "mimi", 4, i8, seed=2, dtype=torch.int8)
+    meta = dict(read_metadata(i8))
+    tensors = load_file(str(i8))
+    if damage == "short":
+        tensors[FLOATS] = tensors[FLOATS][:-1].clone()
+    elif damage == "long":
+        tensors[FLOATS] = torch.cat([tensors[FLOATS], tensors[FLOATS][:1]])
+    else:
+        meta["int8_layout"] = meta["int8_layout"][:-5]
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="damaged int8 task file") as e:
+        mimi.load_adapters(bare("vit"), bad)
+    assert "\n" not in str(e.value) and "export it again" in str(e.value)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    with pytest.raises(CheckpointError, match="damaged int8 task file"):
+        bank.add("bad", bad)
+    assert bank.tasks == []
 
 
 # ---------------------------------------------------------------------------------------------- PEFT in

@@ -19,7 +19,7 @@ from mimi.core.errors import CheckpointError, ModelError
 from mimi.core.files import atomic_write
 from mimi.core.lora import apply_lora_layout, lora_layout
 from mimi.core.modules import architecture_of, classifier
-from mimi.core.quant import dequantize_state, quantize_state
+from mimi.core.quant import dequantize_state, layout_names, quantize_state, unpack
 from mimi.core.shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
@@ -87,6 +87,7 @@ def save_adapters(
         tensors, qmeta = quantize_state(tensors, keep_float=set(head_param_names(model)))
         meta.update(qmeta)
         meta["stored_dtype"] = "int8"
+        del meta["trainable"]  # the layout names every trained tensor (see trainable_names)
     elif dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         meta["stored_dtype"] = str(dtype).removeprefix("torch.")
@@ -156,7 +157,15 @@ def load_tensors(path: str | Path, *, dequantize: bool = True) -> dict[str, torc
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: a truncated or damaged safetensors file ({e}); write it again") from e
-    return dequantize_state(tensors, meta, path) if dequantize else tensors
+    return dequantize_state(tensors, meta, path) if dequantize else unpack(tensors, meta, path)
+
+
+def trainable_names(meta: dict[str, str], path: str | Path = "the file") -> list[str]:
+    """The trained tensors a file holds: its ``trainable`` entry, or an int8 file's packed layout."""
+    try:
+        return json.loads(meta["trainable"]) if "trainable" in meta else layout_names(meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata entry 'trainable' is not valid JSON ({e.msg})") from e
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
@@ -210,7 +219,7 @@ def restore_trained(
     meta = meta if meta is not None else read_metadata(path)
     check_architecture(model, meta, path)
     tensors = tensors if tensors is not None else load_tensors(path)
-    expected = set(json.loads(meta["trainable"]))
+    expected = set(trainable_names(meta, path))
     params = dict(model.named_parameters())
     if expected - set(tensors):
         raise CheckpointError(

@@ -19,7 +19,7 @@ from mimi.backbones import IMPORTERS
 from mimi.core.adapters import AdapterConfig
 from mimi.core.errors import CheckpointError, ConfigError
 from mimi.core.modules import architecture_of
-from mimi.core.taskfile import load_tensors, read_metadata
+from mimi.core.taskfile import load_tensors, read_metadata, trainable_names
 from mimi.methods import method_traits, servable_methods
 
 
@@ -142,7 +142,7 @@ def read_task_file(path: str | Path) -> TaskFile:
         tensors = load_tensors(path)
     except Exception as e:  # safetensors raises several types on a damaged file
         raise CheckpointError(f"{path}: cannot read its tensors ({type(e).__name__}: {e}); export it again") from e
-    trainable = _json(meta, "trainable", [])
+    trainable = trainable_names(meta, path)
     missing = sorted(set(trainable) - set(tensors))
     if missing:
         raise CheckpointError(f"{path}: truncated task file, tensors {missing[:3]} are missing; export it again")
