@@ -2,8 +2,9 @@
 
 For r=3 and r=12: one row per task (test %, mean over the seeds both sides of every comparison have), then each
 comparison the issue asks about, paired by (task, seed): the mean difference in points, its 95% interval with
-the pairs resampled and with tasks resampled (then seeds within a task), tasks above / below, and a verdict by
-the report's rule (no "ahead" under 6 pairs; "ahead" needs both intervals to exclude 0).
+the pairs resampled and with tasks resampled (then seeds within a task), tasks above / below, and the verdict,
+all by ``mimi report``'s own pairing (no "ahead" under 6 pairs; an "ahead" that does not hold with tasks resampled
+says so).
 
     python benchmarks/distill_pairs.py                 # markdown on stdout
     python benchmarks/distill_pairs.py --json out.json # and the numbers as JSON
@@ -14,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
-from mimi.reporting.bench_report import MIN_PAIRS, load_results
-from mimi.reporting.stats import clustered_bootstrap_interval, paired_difference
+from mimi.reporting.bench_report import compare_pairs, load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "minivtab"
@@ -61,43 +60,23 @@ def accuracies(records: list[dict], label: str, budget: int | None) -> dict[tupl
     return out
 
 
-def compare(a: dict, b: dict, names: tuple[str, str] = ("first", "second")) -> dict | None:
-    pairs = sorted(set(a) & set(b))
-    if not pairs:
+def compare(a: dict, b: dict, names: tuple[str, str]) -> dict | None:
+    """``a - b`` by the report's own pairing and verdict (:func:`mimi.reporting.bench_report.compare_pairs`)."""
+    c = compare_pairs(0, names[0], a, b, seed=0, ref_name=names[1])
+    if c is None:
         return None
-    d = paired_difference([a[p] for p in pairs], [b[p] for p in pairs])
-    per_task: dict[str, list[float]] = defaultdict(list)
-    for t, s in pairs:
-        per_task[t].append(a[(t, s)] - b[(t, s)])
-    gaps = [statistics.mean(v) for v in per_task.values()]
-    across = clustered_bootstrap_interval(list(per_task.values())) if len(per_task) > 1 else None
-    out = {
+    d = c.diff
+    return {
         "pairs": d.n,
-        "tasks": len(per_task),
-        "seeds": len({s for _, s in pairs}),
+        "tasks": len({t for t, _ in set(a) & set(b)}),
+        "seeds": c.n_seeds,
         "mean": d.mean,
         "pairs_interval": [d.low, d.high] if d.n > 1 else None,
-        "tasks_interval": list(across) if across else None,
-        "above": sum(g > 0 for g in gaps),
-        "below": sum(g < 0 for g in gaps),
+        "tasks_interval": list(c.across_tasks) if c.across_tasks else None,
+        "above": c.above,
+        "below": c.below,
+        "verdict": c.verdict,
     }
-    out["verdict"] = verdict(out, names)
-    return out
-
-
-def verdict(c: dict, names: tuple[str, str]) -> str:
-    lo, hi = c["pairs_interval"] or (None, None)
-    if lo is None:
-        return "one pair, no interval"
-    if lo <= 0 <= hi:
-        return "not separable"
-    side = f"{names[0] if c['mean'] > 0 else names[1]} ahead"
-    if c["pairs"] < MIN_PAIRS:
-        return f"{side} in {c['pairs']} pairs: too few to judge (< {MIN_PAIRS})"
-    t = c["tasks_interval"]
-    if t is not None and t[0] <= 0 <= t[1]:
-        return f"{side} on these tasks; not with tasks resampled"
-    return f"{side}, with tasks resampled too"
 
 
 def _iv(iv: list[float] | None) -> str:

@@ -16,6 +16,7 @@ the packed layout to ~2 KB. Files of the first int8 layout (one entry per tensor
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -137,10 +138,7 @@ def unpack(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: object)
     offsets = {CODES: 0, FLOATS: 0}
     for name, shape in entries:
         key = CODES if _is_int8(name, shape, head) else FLOATS
-        flat, start = tensors.get(key), offsets[key]
-        n = 1
-        for d in shape:
-            n *= d
+        flat, start, n = tensors.get(key), offsets[key], math.prod(shape)
         if flat is None or start + n > flat.numel():
             raise CheckpointError(
                 f"{path}: a damaged int8 task file ({name} runs past its packed tensor); export it again"

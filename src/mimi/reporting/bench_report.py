@@ -302,7 +302,7 @@ class Comparison:
         return v
 
 
-def _compare(
+def compare_pairs(
     r: int,
     name: str,
     mine: dict[tuple[str, int], float],
@@ -310,6 +310,8 @@ def _compare(
     seed: int,
     ref_name: str = "mimi",
 ) -> Comparison | None:
+    """``mine - ref`` paired by (task, seed) (``(task, seed) -> test %``): mean and interval over pairs, and with
+    tasks resampled; None when no pair is shared."""
     pairs = sorted(set(mine) & set(ref))
     if not pairs:
         return None
@@ -351,7 +353,7 @@ def paired_comparisons(
             is_ref = {name: name == against for name in by_r[rr]}
         ref = _by_pair([r for name, rs in by_r[rr].items() if is_ref[name] for r in rs])
         for name, rs in sorted(by_r[rr].items()):
-            c = None if is_ref[name] else _compare(rr, name, _by_pair(rs), ref, seed, against or "mimi")
+            c = None if is_ref[name] else compare_pairs(rr, name, _by_pair(rs), ref, seed, against or "mimi")
             if c is not None:
                 out.append(c)
     return out
@@ -446,7 +448,7 @@ def ablation_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
             n_seeds = len({s for _, s in pairs})
             row = [str(rr), name, params, f"{len(pairs)} ({n_seeds})"]
             row.append(f"{statistics.mean(mine[p] for p in pairs):.2f}" if pairs else "–")
-            c = None if name == "mimi" else _compare(rr, name, mine, ref, seed)
+            c = None if name == "mimi" else compare_pairs(rr, name, mine, ref, seed)
             if c is None:
                 rows.append(row + ["–"] * 6)
                 continue
