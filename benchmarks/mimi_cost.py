@@ -21,12 +21,37 @@ from its cached logits) against the same cycles of the plain run, and the one-of
 logits. Target: distilled cycles / plain cycles <= 1.05x.
 
     python benchmarks/mimi_cost.py --distill --repeats 2   # full settings (~30 min on 2 cores, one thread each)
+
+``--budgets [B1,B2,...]`` (adapter parameters; alone: 32000,16000,8000,4000) answers what one run to the smallest
+budget that keeps a task at every budget costs against separate single-budget runs to each, and whether each kept task
+equals that of the run to its budget alone. It runs the real trainer once with ``budget_params=[B1, B2, ...]`` and once
+per budget with ``budget_params=B`` (same seed and settings; MiMi rho 0.5 from r=``--adapter-dim``), then reports per
+budget: the one run's cumulative epochs and cycle seconds (training, evaluation and the cuts up to that budget) against
+the single run's, test and val accuracy of both and their difference in points, adapter parameters, the cycle targets
+of each, and whether ``budgets/B.safetensors`` of the one run and ``adapters.safetensors`` of the single run hold
+bit-identical tensors. Up to the first (largest) budget the two schedules are the same, so that task must be identical
+(the script exits with status 1 when it is not); below it the one run restarts its targets from the budget it landed
+on, so the later tasks come by another path and are reported, not required, to match. Totals: the one run's wall and
+epochs against the sum of the separate runs'. Before training it prints the count-only figure from the schedule alone
+(``MiMiPruner.planned_targets`` on the model's adapter parameters at insertion): e.g. 35 epochs against
+26 + 29 + 32 + 35 = 122 for 32k..4k with 8 first epochs and 3 per cycle. The runs are timed one after the other, not
+interleaved: run it on an otherwise idle machine (the script cannot pause other processes; it warns when the load
+average before it starts leaves fewer free cores than the threads it uses). The cycle targets reported are those the
+runs cut to (each computed from the count the previous cut left, in whole neurons), a little off the count-only plan.
+Written to results/perf/mimi_budgets_cost.json (``_quick``, or ``_subsetN`` with ``--subset N``).
+
+    python benchmarks/mimi_cost.py --budgets                   # full settings, 32000,16000,8000,4000 (~1.5 h, 1 thread)
+    python benchmarks/mimi_cost.py --budgets --subset 50       # the same on 50 images per split (~15 min, 1 thread)
+    python benchmarks/mimi_cost.py --budgets 32000,8000        # other budgets
+    python benchmarks/mimi_cost.py --budgets --quick           # 400000,100000, 1+1 epochs, 16 images per split, ~1 min
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -37,18 +62,27 @@ from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
 
+import torch
 from _common import machine, write_record
+from safetensors.torch import load_file
 
 import mimi.core.taskfile
 import mimi.reporting.run_report  # noqa: F401  (matplotlib: imported once here, so that the first run's _plots does not pay it)
 import mimi.trainer
 import mimi.training.distill
 import mimi.training.loop
+from mimi.backbones import create_backbone
 from mimi.config import TrainConfig
+from mimi.core.adapters import adapter_param_count
 from mimi.core.schedule import MiMiPruner
+from mimi.methods import get_method
+from mimi.training.loop import budget_file
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO, TARGET_SHARE, TARGET_DISTILL = 1.10, 0.02, 1.05
+DEFAULT_BUDGETS = "32000,16000,8000,4000"  # --budgets alone
+QUICK_BUDGETS = "400000,100000"  # --budgets --quick: off the rho-0.5 path from r=96 (1,780,992), so both paths show
+RHO = 0.5
 # phase -> (object, attribute) the trainer reaches it through
 PHASES = {
     "train_epoch": (mimi.training.loop, "train_epoch"),
@@ -136,6 +170,23 @@ def one_run(cfg: TrainConfig) -> dict:
     }
 
 
+def common_settings(args: argparse.Namespace, root: Path) -> dict:
+    """The TrainConfig fields every run of this script shares (MiniVTAB: batch 32, lr 1e-3, no per-cycle files)."""
+    return dict(
+        model=args.model,
+        weights=args.weights,
+        img_size=args.img_size,
+        data=f"vtab1k:{args.task}",
+        data_root=str(root),
+        epochs=args.epochs,
+        batch_size=32,
+        lr=1e-3,
+        progress=False,
+        tensorboard=False,
+        save_cycles=False,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="fashion_mnist")
@@ -154,9 +205,22 @@ def main() -> None:
         "--distill", action="store_true", help="MiMi and MiMi --distill side by side (the cost of a teacher)"
     )
     p.add_argument(
+        "--budgets",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="B1,B2,...",
+        help=f"one run keeping every budget vs a single-budget run to each (alone: {DEFAULT_BUDGETS}, "
+        f"with --quick {QUICK_BUDGETS})",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="JSON (default: benchmarks/results/perf/mimi_cost[_quick].json)"
     )
     args = p.parse_args()
+    if args.budgets is not None:
+        if args.distill:
+            p.error("--budgets and --distill are separate modes: give one")
+        return budgets_main(p, args)
     if args.quick:
         args.first_epochs, args.epochs, args.budget_dim, args.subset, args.repeats = 1, 1, 24, 16, 1
     info = machine()
@@ -168,19 +232,7 @@ def main() -> None:
         if args.subset:
             root = Path(tmp) / "data"
             subset_task(args.data_root / args.task, root / args.task, args.subset)
-        common = dict(
-            model=args.model,
-            weights=args.weights,
-            img_size=args.img_size,
-            data=f"vtab1k:{args.task}",
-            data_root=str(root),
-            epochs=args.epochs,
-            batch_size=32,
-            lr=1e-3,
-            progress=False,
-            tensorboard=False,
-            save_cycles=False,
-        )
+        common = common_settings(args, root)
         mimi_cfg = dict(method="mimi", adapter_dim=args.adapter_dim, budget_dim=args.budget_dim, rho=0.5)
         mimi_cfg["first_epochs"] = args.first_epochs
         equal_epochs = None
@@ -322,6 +374,260 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], eq
         phase_share_of_mimi=shares,
         runs=runs,
     )
+
+
+# ---------------------------------------------------------------- --budgets: one run keeping every budget vs one each
+
+
+def budgets_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One multi-budget MiMi run, then one single-budget run per budget (same seed and settings); report and record."""
+    if args.quick:
+        args.first_epochs, args.epochs, args.subset = 1, 1, 16
+    text = args.budgets or (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    try:
+        budgets = sorted({int(x) for x in text.split(",") if x.strip()}, reverse=True)
+    except ValueError:
+        p.error(f"--budgets: comma-separated integers (adapter parameters), got {text!r}")
+    if len(budgets) < 2 or budgets[-1] <= 0:
+        p.error(f"--budgets: two or more positive budgets, got {text!r}")
+    args.budgets, args.budget_dim, args.repeats = budgets, None, 1  # as recorded: this mode has no --budget-dim
+    info = machine()
+    cpus = len(os.sched_getaffinity(0))
+    print(f"{info['cpu']} | {info['threads']} threads of {cpus} cores | torch {info['torch']} | {info['device']}")
+    load_before = os.getloadavg()
+    if load_before[0] > cpus - info["threads"]:
+        print(
+            f"warning: 1-minute load average {load_before[0]:.2f} on {cpus} cores leaves fewer free cores than the "
+            f"{info['threads']} thread(s) these runs use: other processes compete and the seconds below are "
+            "inflated (the epoch counts are not); measure on an otherwise idle machine"
+        )
+    mimi_kw = dict(method="mimi", adapter_dim=args.adapter_dim, rho=RHO, first_epochs=args.first_epochs)
+    runs: dict = {"multi": None, "single": {}}
+    compared: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_root
+        if args.subset:
+            root = Path(tmp) / "data"
+            subset_task(args.data_root / args.task, root / args.task, args.subset)
+        common = common_settings(args, root)
+        plan = planned_epochs(TrainConfig(**common, **mimi_kw, budget_params=budgets), budgets, args)
+        print_plan(plan, budgets, args)
+        out = Path(tmp) / "multi"
+        runs["multi"] = _run_with_summary(TrainConfig(**common, **mimi_kw, budget_params=budgets, out=str(out)))
+        print(f"  one run to {budgets[-1]:,} keeping {len(budgets)} budgets: {runs['multi']['wall_s']:7.1f} s")
+        kept = {b: load_file(str(budget_file(out, b))) for b in budgets}
+        for b in budgets:
+            out_b = Path(tmp) / f"single_{b}"
+            runs["single"][b] = _run_with_summary(TrainConfig(**common, **mimi_kw, budget_params=b, out=str(out_b)))
+            print(f"  single run to {b:,}: {runs['single'][b]['wall_s']:7.1f} s")
+            compared[b] = compare_tasks(kept[b], load_file(str(out_b / "adapters.safetensors")))
+    load_after = os.getloadavg()
+    if runs["multi"]["summary"][0]["adapter_params"] != plan["start"]:  # the count-only figure used the wrong model
+        raise SystemExit(
+            f"the runs started at {runs['multi']['summary'][0]['adapter_params']:,} adapter parameters, "
+            f"the schedule-only count at {plan['start']:,}"
+        )
+    report_budgets(args, info, budgets, plan, runs, compared, {"before": load_before, "after": load_after})
+
+
+def _run_with_summary(cfg: TrainConfig) -> dict:
+    """:func:`one_run`, plus the run's summary.json as written (every key, ``budget`` and ``target`` included)."""
+    res = one_run(cfg)
+    res["summary"] = json.loads((Path(cfg.out) / "summary.json").read_text())
+    return res
+
+
+def planned_epochs(cfg: TrainConfig, budgets: list[int], args: argparse.Namespace) -> dict:
+    """The schedule alone, no training: targets and epochs of the one run and of each single run, from the adapter
+    parameters at insertion (the model built on the meta device, as ``preflight`` does)."""
+    with torch.device("meta"):
+        model, _ = create_backbone(cfg.model, weights="none", img_size=cfg.img_size, model_kwargs=cfg.model_kwargs)
+        model.reset_classifier(2)  # any head: adapter parameters exclude it
+        model = get_method(cfg.method).prepare_from_config(model, cfg, total_steps=1)
+    start = adapter_param_count(model)
+    multi = MiMiPruner(budget=budgets[-1], stops=budgets[:-1], rho=RHO).planned_targets(start)
+    single = {b: MiMiPruner(budget=b, rho=RHO).planned_targets(start) for b in budgets}
+
+    def epochs(cuts: int) -> int:
+        return args.first_epochs + args.epochs * cuts
+
+    return {
+        "start": start,
+        "multi_targets": multi,
+        "single_targets": single,
+        "multi_epochs_to": {b: epochs(multi.index(b) + 1) for b in budgets},
+        "single_epochs": {b: epochs(len(single[b])) for b in budgets},
+        "multi_epochs": epochs(len(multi)),
+        "separate_epochs": sum(epochs(len(t)) for t in single.values()),
+    }
+
+
+def print_plan(plan: dict, budgets: list[int], args: argparse.Namespace) -> None:
+    sep = plan["single_epochs"]
+    print(
+        f"\n## Count only (the schedule, no training): from {plan['start']:,} adapter parameters (r={args.adapter_dim}), "
+        f"rho {RHO}, {args.first_epochs} first epochs + {args.epochs} per cycle"
+    )
+    print(
+        f"one run to {budgets[-1]:,} keeping {len(budgets)} budgets: {plan['multi_epochs']} epochs "
+        f"({len(plan['multi_targets'])} cuts) | separate runs: {' + '.join(str(sep[b]) for b in budgets)} = "
+        f"{plan['separate_epochs']} epochs | ratio x{plan['multi_epochs'] / plan['separate_epochs']:.3f}"
+    )
+    print(f"one run's targets: {plan['multi_targets']}")
+    for b in budgets:
+        print(f"alone to {b:>9,}: {plan['single_targets'][b]}")
+
+
+def compare_tasks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """Whether two task files hold the same tensors bit for bit (and, when the shapes agree, how far apart)."""
+    same_shapes = a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    identical = same_shapes and all(torch.equal(a[k], b[k]) for k in a)
+    diff = None
+    if same_shapes and not identical:
+        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+    return {"identical": identical, "same_shapes": same_shapes, "max_abs_diff": diff}
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(100 * (a - b), 2)
+
+
+def _acc(x: float | None) -> str:
+    return "  n/a " if x is None else f"{100 * x:6.2f}"
+
+
+def _pts(x: float | None) -> str:
+    return "  n/a" if x is None else f"{x:+6.2f}"
+
+
+def budget_rows(budgets: list[int], runs: dict, compared: dict[int, dict]) -> list[dict]:
+    """Per budget: the one run up to the cycle that landed on it, against the single run to it."""
+    m = runs["multi"]["summary"]
+    m_prune = runs["multi"]["call_s"]["MiMiPruner.step"]
+    rows = []
+    for b in budgets:
+        k = next((i for i, e in enumerate(m) if e.get("budget") == b), None)
+        if k is None:
+            raise SystemExit(f"the one run's summary.json marks no cycle with budget {b}")
+        s = runs["single"][b]["summary"]
+        s_prune = runs["single"][b]["call_s"]["MiMiPruner.step"]
+        one = {
+            "cycle": m[k]["cycle"],
+            "epochs": sum(e["epochs"] for e in m[: k + 1]),
+            "seconds": sum(e["seconds"] for e in m[: k + 1]) + sum(m_prune[:k]),
+            "adapter_params": m[k]["adapter_params"],
+            "test_acc": m[k]["test_acc"],
+            "val_acc": m[k]["val_acc"],
+            "targets": [e["target"] for e in m[1 : k + 1]],
+        }
+        alone = {
+            "cycle": s[-1]["cycle"],
+            "epochs": sum(e["epochs"] for e in s),
+            "seconds": sum(e["seconds"] for e in s) + sum(s_prune),
+            "wall_s": runs["single"][b]["wall_s"],
+            "adapter_params": s[-1]["adapter_params"],
+            "test_acc": s[-1]["test_acc"],
+            "val_acc": s[-1]["val_acc"],
+            "targets": [e["target"] for e in s[1:]],
+        }
+        rows.append(
+            {
+                "budget": b,
+                "one_run": one,
+                "alone": alone,
+                "test_diff_points": _points(one["test_acc"], alone["test_acc"]),
+                "val_diff_points": _points(one["val_acc"], alone["val_acc"]),
+                "same_targets": one["targets"] == alone["targets"],
+                **compared[b],
+            }
+        )
+    return rows
+
+
+def report_budgets(
+    args: argparse.Namespace,
+    info: dict,
+    budgets: list[int],
+    plan: dict,
+    runs: dict,
+    compared: dict[int, dict],
+    load: dict,
+) -> None:
+    rows = budget_rows(budgets, runs, compared)
+    task = f"{args.task}" + (f" ({args.subset} images per split: a subset run)" if args.subset else "")
+    print(f"\n{args.model} ({args.weights}) at {args.img_size}px on {task}, batch 32, lr 1e-3, seed 0")
+    print(
+        f"MiMi r={args.adapter_dim} (rho {RHO}, {args.first_epochs} + {args.epochs}/cycle epochs): one run keeping "
+        f"{', '.join(f'{b:,}' for b in budgets)} vs a run to each alone"
+    )
+    print(
+        "\n## Per budget (one run: cumulative to the cycle that landed on the budget; seconds = its cycles' training "
+        "and evaluation + the cuts, setup excluded; accuracy in %)"
+    )
+    print(
+        f"{'budget':>9} | {'one: ep':>7} {'s':>7} {'params':>7} {'test':>6} {'val':>6} | {'alone: ep':>9} {'s':>7} "
+        f"{'params':>7} {'test':>6} {'val':>6} | {'d test':>6} {'d val':>6} | bit-identical"
+    )
+    for r in rows:
+        o, a = r["one_run"], r["alone"]
+        same = "yes" if r["identical"] else ("no" + ("" if r["same_shapes"] else " (other sizes)"))
+        if r["max_abs_diff"] is not None:
+            same += f" (max |d| {r['max_abs_diff']:.3g})"
+        print(
+            f"{r['budget']:>9,} | {o['epochs']:>7} {o['seconds']:7.1f} {o['adapter_params']:>7,} {_acc(o['test_acc'])} "
+            f"{_acc(o['val_acc'])} | {a['epochs']:>9} {a['seconds']:7.1f} {a['adapter_params']:>7,} "
+            f"{_acc(a['test_acc'])} {_acc(a['val_acc'])} | {_pts(r['test_diff_points'])} {_pts(r['val_diff_points'])} "
+            f"| {same}"
+        )
+    print("\ncycle targets (one run up to the budget | the run to it alone):")
+    for r in rows:
+        alone = "same" if r["same_targets"] else r["alone"]["targets"]
+        print(f"{r['budget']:>9,}: {r['one_run']['targets']} | {alone}")
+    multi = runs["multi"]
+    sep_wall = sum(x["wall_s"] for x in runs["single"].values())
+    sep_epochs = sum(r["alone"]["epochs"] for r in rows)
+    sep_s = sum(r["alone"]["seconds"] for r in rows)
+    totals = {
+        "one_run_wall_s": multi["wall_s"],
+        "one_run_epochs": sum(e["epochs"] for e in multi["summary"]),
+        "one_run_cycle_s": rows[-1]["one_run"]["seconds"],
+        "separate_wall_s": sep_wall,
+        "separate_epochs": sep_epochs,
+        "separate_cycle_s": sep_s,
+    }
+    totals["ratio_wall"] = totals["one_run_wall_s"] / sep_wall
+    totals["ratio_epochs"] = totals["one_run_epochs"] / sep_epochs
+    totals["ratio_cycle_s"] = totals["one_run_cycle_s"] / max(1e-9, sep_s)
+    print(f"\n## Totals: one run vs the {len(budgets)} separate runs")
+    print(
+        f"wall {totals['one_run_wall_s']:.1f} s vs {sep_wall:.1f} s (x{totals['ratio_wall']:.3f}) | epochs "
+        f"{totals['one_run_epochs']} vs {sep_epochs} (x{totals['ratio_epochs']:.3f}; count only: "
+        f"{plan['multi_epochs']} vs {plan['separate_epochs']}) | cycle seconds {totals['one_run_cycle_s']:.1f} vs "
+        f"{sep_s:.1f} (x{totals['ratio_cycle_s']:.3f})"
+    )
+    first_ok = rows[0]["identical"]
+    print(
+        f"first budget {budgets[0]:,}: the one run's task is "
+        + ("bit-identical to the single run's (as it must be)" if first_ok else "NOT identical to the single run's")
+    )
+    print(f"load average (1/5/15 min): before {load['before']}, after {load['after']}")
+    name = "mimi_budgets_cost" + ("_quick" if args.quick else f"_subset{args.subset}" if args.subset else "")
+    out = args.out or RESULTS / "perf" / f"{name}.json"
+    write_record(
+        out,
+        args,
+        info,
+        cores=len(os.sched_getaffinity(0)),
+        load_average=load,
+        start_adapter_params=plan["start"],
+        count_only={k: ({str(b): x for b, x in v.items()} if isinstance(v, dict) else v) for k, v in plan.items()},
+        per_budget=rows,
+        totals=totals,
+        first_budget_identical=first_ok,
+        runs={"multi": multi, "single": {str(b): x for b, x in runs["single"].items()}},
+    )
+    if not first_ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

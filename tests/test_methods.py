@@ -20,7 +20,7 @@ from mimi.methods.lora import lora_rank_for_budget
 
 MODELS = {"vit": tiny_vit, "dinov2": tiny_dinov2, "swin": tiny_swin}
 ADAPTERS = {"mimi", "mimi-oneshot", "adapter", "adaptformer", "mimi-lora"}
-PEFT = {"peft-lora", "peft-adalora"}
+PEFT = {"peft-lora", "peft-adalora", "peft-vera"}
 VIT_ONLY = {"vpt-deep"}
 NOT_ZERO_INIT = {"vpt-deep"}  # prompts change the attention of every block from the start
 
@@ -28,8 +28,10 @@ NOT_ZERO_INIT = {"vpt-deep"}  # prompts change the attention of every block from
 METHOD_PARAM = {
     **{m: lambda n: ".adapter." in n for m in ADAPTERS},
     "lora": lambda n: ".lora_a." in n or ".lora_b." in n,
+    "fact-tt": lambda n: n.startswith("fact_tt.") or n.endswith(".sigma"),
     "peft-lora": lambda n: ".lora_A." in n or ".lora_B." in n,
     "peft-adalora": lambda n: any(f".lora_{k}." in n for k in "ABE"),
+    "peft-vera": lambda n: ".vera_lambda_" in n,
     "ssf": lambda n: n.endswith((".scale", ".shift")),
     "vpt-deep": lambda n: n.endswith(".prompts"),
     "linear": lambda n: False,

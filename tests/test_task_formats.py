@@ -17,8 +17,19 @@ from vtab_fixture import write_vtab_task
 import mimi
 from mimi.cli import main
 from mimi.core.errors import CheckpointError
-from mimi.core.quant import CODES, FLOATS, SCALES, dequantize, quantize, scale_rows
-from mimi.core.taskfile import load_tensors, read_metadata, trainable_names
+from mimi.core.quant import (
+    CODES,
+    FLOATS,
+    PACKED_CODES,
+    PACKED_FLOATS,
+    SCALES,
+    SCHEME,
+    SCHEME_INT8,
+    dequantize,
+    quantize,
+    split_scales,
+)
+from mimi.core.taskfile import FORMAT_COMPACT, byte_breakdown, load_tensors, read_metadata, trainable_names
 from mimi.deploy.peft_folder import read_peft_folder
 from mimi.deploy.taskdir import TaskDir
 from mimi.trainer import load_run
@@ -26,17 +37,22 @@ from mimi.trainer import load_run
 # ---------------------------------------------------------------------------------------------- int8
 
 
-def test_int8_round_trip_error_is_at_most_half_a_step():
+@pytest.mark.parametrize(("axis", "bits"), [(0, 8), (1, 8), (0, 4), (1, 4)])
+def test_quantised_round_trip_error_is_at_most_half_a_step(axis, bits):
     torch.manual_seed(0)
     w = torch.randn(16, 40) * torch.logspace(-6, 2, 16)[:, None]  # rows of very different magnitudes
-    w[3] = 0.0  # an all-zero row
-    codes, scales = quantize(w)
+    w = w if axis == 0 else w.T.contiguous()  # (40, 16): the columns differ
+    zero = (3, slice(None)) if axis == 0 else (slice(None), 3)
+    w[zero] = 0.0  # an all-zero channel
+    codes, scales = quantize(w, axis=axis, bits=bits)
+    qmax = 127 if bits == 8 else 7
     assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (16,)
-    assert codes.abs().max() <= 127
-    assert (scales.float() * 127 >= w.abs().amax(1)).all()  # no entry clipped
-    err = (dequantize(codes, scales) - w).abs()
-    assert (err <= scales.float()[:, None] / 2 * (1 + 1e-6) + 1e-12).all()
-    assert dequantize(codes, scales)[3].abs().max() == 0
+    assert codes.abs().max() <= qmax
+    assert (scales.float() * qmax >= w.abs().amax(1 - axis)).all()  # no entry clipped
+    step = scales.float()[:, None] if axis == 0 else scales.float()[None, :]
+    err = (dequantize(codes, scales, axis) - w).abs()
+    assert (err <= step / 2 * (1 + 1e-6) + 1e-12).all()
+    assert dequantize(codes, scales, axis)[zero].abs().max() == 0
 
 
 @pytest.mark.parametrize("kind", ["mimi", "lora", "mimi-lora"])
@@ -45,18 +61,21 @@ def test_int8_task_file_loads_everywhere_and_is_smaller(kind, tmp_path):
     make_task("vit", kind, 4, f32, seed=3)
     make_task("vit", kind, 4, f16, seed=3, dtype=torch.float16)
     make_task("vit", kind, 4, i8, seed=3, dtype=torch.int8)
-    # smaller than float16 where a row holds more than 2 values: a scale costs 2 bytes a row, a code saves 1 byte
-    # a value (the tiny LoRA's B has rank 1-3 per row, so it is only smaller than float32 there)
-    assert i8.stat().st_size < (f16 if kind != "lora" else f32).stat().st_size
+    # a scale per row or column, whichever are fewer: a code saves 1 byte a value against float16, scales cost 2
+    # bytes for every min(rows, columns) values at most
+    assert i8.stat().st_size < f16.stat().st_size
     meta, stored, exact = read_metadata(i8), load_tensors(i8, dequantize=False), load_file(str(f32))
-    head, scales = set(json.loads(meta["head"])), scale_rows(stored)
-    assert meta["stored_dtype"] == "int8" and meta["int8"].startswith("symmetric")
+    head, scales = set(json.loads(meta["head"])), split_scales(stored, meta)
+    assert meta["stored_dtype"] == "int8" and meta["int8"] == SCHEME_INT8
     for name, t in exact.items():
-        if name in head or t.ndim != 2:  # biases and the head: float16
+        if t.ndim != 2:  # biases: float16
             assert stored[name].dtype == torch.float16
             continue
-        assert stored[name].dtype == torch.int8
-        step = scales[name].float()[:, None]
+        assert stored[name].dtype == torch.int8  # the head's weight too
+        s, axis = scales[name]
+        assert axis == (0 if name in head or t.shape[0] <= t.shape[1] else 1)
+        assert s.numel() == (t.shape[0] if name in head else min(t.shape))
+        step = s.float()[:, None] if axis == 0 else s.float()[None, :]
         assert ((load_tensors(i8)[name] - t).abs() <= step / 2 + 1e-7).all()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
@@ -76,54 +95,109 @@ def _header(path) -> dict:
     return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
 
 
-@pytest.mark.parametrize("kind", ["mimi", "mimi-lora"])
+@pytest.mark.parametrize("kind", ["mimi", "mimi-lora", "lora"])
 def test_int8_file_is_packed_and_names_every_trained_tensor(kind, tmp_path):
     f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
     make_task("vit", kind, 4, f32, seed=5)
     make_task("vit", kind, 4, i8, seed=5, dtype=torch.int8)
     header, exact = _header(i8), load_file(str(f32))
-    assert set(header) == {"__metadata__", CODES, SCALES, FLOATS}  # three tensors, not one entry per tensor
-    meta = header["__metadata__"]
-    assert "trainable" not in meta and trainable_names(meta) == json.loads(read_metadata(f32)["trainable"])
+    assert set(header) == {"__metadata__", PACKED_CODES, PACKED_FLOATS}  # two tensors, not one entry per tensor
+    raw = header["__metadata__"]
+    assert raw["format"] == FORMAT_COMPACT and not {"trainable", "int8_layout", "sizes", "head"} & set(raw)
+    meta = read_metadata(i8)  # expanded: the long entries every reader knows
+    assert trainable_names(meta) == json.loads(read_metadata(f32)["trainable"])
     packed = json.loads(meta["int8_layout"])
     assert [f"{m}.{p}" for m, ps in packed.items() for p in ps] == sorted(exact)
     stored = load_tensors(i8, dequantize=False)  # unpacked: each tensor by name, as stored
     assert {k: tuple(v.shape) for k, v in stored.items() if k != SCALES} == {
         k: tuple(v.shape) for k, v in exact.items()
     }
-    n_int8 = sum(t.numel() for n, t in exact.items() if t.ndim == 2 and n not in json.loads(meta["head"]))
-    assert header[CODES]["dtype"] == "I8" and header[CODES]["shape"] == [n_int8]
+    n_codes = sum(t.numel() for t in exact.values() if t.ndim == 2)  # the head's weight included
+    assert header[PACKED_CODES]["dtype"] == "I8" and header[PACKED_CODES]["shape"] == [n_codes]
+    # every entry of the long metadata comes back (JSON values equal), in the order the sizes were written
+    long, jsons = read_metadata(f32), ("sizes", "head", "lora", "adapter_config")
+    for key, value in long.items():
+        if key in ("trainable", "format"):
+            continue
+        same = json.loads(meta[key]) == json.loads(value) if key in jsons else meta[key] == value
+        assert same, key
+    assert list(json.loads(meta["sizes"])) == list(json.loads(long["sizes"]))
+    assert len(json.dumps(raw)) < 0.8 * len(json.dumps(meta))  # the same entries, long and unfolded
 
 
-def test_int8_file_of_the_first_layout_still_loads(tmp_path):
-    """One safetensors entry per tensor and a `trainable` list: what `mimi export --dtype int8` wrote first."""
-    i8, old = tmp_path / "i8.safetensors", tmp_path / "old.safetensors"
-    make_task("vit", "mimi", 4, i8, seed=2, dtype=torch.int8)
-    meta = dict(read_metadata(i8))
-    stored = load_tensors(i8, dequantize=False)
-    meta["trainable"] = json.dumps(sorted(k for k in stored if k != SCALES))
-    del meta["int8_layout"]
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(old), metadata=meta)
+def _v1_file(f32, out, *, packed: bool) -> dict[str, torch.Tensor]:
+    """An int8 file as `mimi export --dtype int8` wrote it before the head was quantised: per-row scales, the head
+    and biases float16; ``packed``: three tensors and an `int8_layout` entry, else one entry per tensor and a
+    `trainable` list (the first layout). Returns the float32 tensors a reader must get from it."""
+    meta, exact = dict(read_metadata(f32)), load_file(str(f32))
+    head = set(json.loads(meta["head"]))
+    meta.update({"int8": SCHEME, "stored_dtype": "int8"})
+    stored, scales, want = {}, [], {}
+    for name in sorted(exact):
+        t = exact[name]
+        if t.ndim == 2 and name not in head:
+            q, s = quantize(t)
+            stored[name], want[name] = q, dequantize(q, s)
+            scales.append(s)
+        else:
+            stored[name] = t.to(torch.float16)
+            want[name] = stored[name].float()
+    if packed:
+        layout: dict[str, dict] = {}
+        for name in sorted(exact):
+            module, _, param = name.rpartition(".")
+            layout.setdefault(module, {})[param] = list(exact[name].shape)
+        meta["int8_layout"] = json.dumps(layout)
+        del meta["trainable"]
+        tensors = {
+            CODES: torch.cat([t.reshape(-1) for t in stored.values() if t.dtype == torch.int8]),
+            FLOATS: torch.cat([t.reshape(-1) for t in stored.values() if t.dtype == torch.float16]),
+        }
+    else:
+        tensors = dict(stored)
+    tensors[SCALES] = torch.cat(scales)
+    save_file(tensors, str(out), metadata=meta)
+    return want
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["v1-packed", "first-layout"])
+def test_int8_files_of_earlier_layouts_still_load(packed, tmp_path):
+    """Head in float16, one scale per row: what `mimi export --dtype int8` wrote before (both of its layouts)."""
+    f32, old = tmp_path / "f32.safetensors", tmp_path / "old.safetensors"
+    make_task("vit", "mimi", 4, f32, seed=2)
+    want = _v1_file(f32, old, packed=packed)
+    loaded = load_tensors(old)
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+    assert load_tensors(old, dequantize=False)["head.weight"].dtype == torch.float16
+    expected = mimi.load_adapters(bare("vit"), f32).eval()
+    with torch.no_grad():
+        for name, p in expected.named_parameters():
+            if name in want:
+                p.copy_(want[name])
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        want = mimi.load_adapters(bare("vit"), i8).eval()(x)
         got = mimi.load_adapters(bare("vit"), old).eval()(x)
-    assert torch.equal(got, want)
+        assert torch.allclose(got, expected(x), atol=1e-6, rtol=0)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    bank.add("old", old)
+    assert torch.allclose(bank.logits(x, "old"), got, atol=1e-5)
+    parts = byte_breakdown(old)
+    assert parts["other"] == 0 and parts["adapters"] + parts["head"] + parts["header"] == old.stat().st_size
 
 
 @pytest.mark.parametrize("damage", ["short", "long", "layout"])
 def test_damaged_int8_file_is_refused_in_one_line(damage, tmp_path):
     i8, bad = tmp_path / "i8.safetensors", tmp_path / "bad.safetensors"
     make_task("vit", "mimi", 4, i8, seed=2, dtype=torch.int8)
-    meta = dict(read_metadata(i8))
+    raw = _header(i8)["__metadata__"]
     tensors = load_file(str(i8))
     if damage == "short":
-        tensors[FLOATS] = tensors[FLOATS][:-1].clone()
+        tensors[PACKED_FLOATS] = tensors[PACKED_FLOATS][:-1].clone()
     elif damage == "long":
-        tensors[FLOATS] = torch.cat([tensors[FLOATS], tensors[FLOATS][:1]])
+        tensors[PACKED_FLOATS] = torch.cat([tensors[PACKED_FLOATS], tensors[PACKED_FLOATS][:1]])
     else:
-        meta["int8_layout"] = meta["int8_layout"][:-5]
-    save_file(tensors, str(bad), metadata=meta)
+        raw["ly"] = raw["ly"][:-5]
+    save_file(tensors, str(bad), metadata=raw)
     with pytest.raises(CheckpointError, match="damaged int8 task file") as e:
         mimi.load_adapters(bare("vit"), bad)
     assert "\n" not in str(e.value) and "export it again" in str(e.value)
@@ -332,3 +406,27 @@ def test_predict_and_int8_export_with_card(runs, tmp_path, capsys):
     assert main([*argv, "--weights", str(weights), "--device", "cpu", "--no-progress"]) == 0
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     assert {r["task"] for r in rows} == {"l", "q"} and all(r["names"][0] in ("red", "green", "blue") for r in rows)
+
+
+@pytest.mark.parametrize("method", ["adapter", "mimi-lora"])
+def test_eval_and_load_run_read_quantised_task_files(runs, method, tmp_path, capsys):
+    """`mimi eval RUN --weights FILE` on `mimi export --dtype int8` (and an int4 file): the run's accuracy."""
+    from mimi.core.taskfile import save_adapters
+    from mimi.training.run import task_metadata
+
+    _, _, out = runs
+    i8, i4 = tmp_path / "i8.safetensors", tmp_path / "i4.safetensors"
+    assert main(["export", str(out[method]), "--out", str(i8), "--dtype", "int8"]) == 0
+    run = load_run(out[method])
+    save_adapters(run.model, i4, dtype="int4", metadata=task_metadata(run))
+    capsys.readouterr()
+    accs = {}
+    for label, weights in (("fp32", "adapters.safetensors"), ("int8", str(i8)), ("int4", str(i4))):
+        assert main(["eval", str(out[method]), "--weights", weights, "--json"]) == 0
+        accs[label] = json.loads(capsys.readouterr().out)["acc"]
+    assert abs(accs["int8"] - accs["fp32"]) <= 0.05 and abs(accs["int4"] - accs["fp32"]) <= 0.1, accs
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = run.model.eval()(x)
+        got = load_run(out[method], weights=str(i8)).model.eval()(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()

@@ -69,8 +69,14 @@ class TrainConfig:
     placement: str = _f("sequential", "adapter placement: sequential (after each branch) or parallel")
     method_kwargs: dict = _f({}, 'method-specific options as JSON, e.g. {"rank": 4} for lora')
     # MiMi schedule
-    budget_params: int | None = _f(None, "adapter parameter budget of the last cycle (head excluded)")
-    budget_dim: int | None = _f(None, "budget = adapter parameters of uniform adapters of this hidden size")
+    budget_params: int | list[int] | None = _f(
+        None,
+        "adapter parameter budget of the last cycle (head excluded); several, e.g. 32000,16000,8000: a pruning run "
+        "lands a cut on each, retrains, and keeps each as a finished task (budgets/<params>.safetensors)",
+    )
+    budget_dim: int | list[int] | None = _f(
+        None, "budget = adapter parameters of uniform adapters of this hidden size (several: comma-separated)"
+    )
     rho: float = _f(0.5, "fraction of adapter parameters removed per cycle (1.0 = one-shot)")
     score: str = _f("mimi", "neuron score: mimi, mimi-weighted, magnitude, global-l1, random, gradient, lora-norm")
     max_cycles: int = _f(20, "safety cap on pruning cycles")
@@ -114,6 +120,8 @@ class TrainConfig:
     tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
 
     def __post_init__(self) -> None:
+        self.budget_params = _budgets("budget_params", self.budget_params)
+        self.budget_dim = _budgets("budget_dim", self.budget_dim)
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
@@ -125,8 +133,8 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0"),
             (0.0 < self.rho <= 1.0, "rho must be in (0, 1]"),
-            (self.budget_params is None or self.budget_params >= 0, "budget_params must be >= 0"),
-            (self.budget_dim is None or self.budget_dim >= 0, "budget_dim must be >= 0"),
+            (all(b >= 0 for b in budget_list(self.budget_params)), "budget_params must be >= 0"),
+            (all(b >= 0 for b in budget_list(self.budget_dim)), "budget_dim must be >= 0"),
             (
                 not (self.budget_params is not None and self.budget_dim is not None),
                 "give budget_params or budget_dim, not both",
@@ -172,6 +180,33 @@ class TrainConfig:
         return cls.from_dict(load_yaml(path))
 
 
+def budget_list(value: int | list[int] | None) -> list[int]:
+    """A budget field as a list: ``None`` -> ``[]``, ``8000`` -> ``[8000]``, ``[32000, 8000]`` as it is."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _budgets(key: str, value: Any) -> int | list[int] | None:
+    """A budget field in its one form: an int, or a list of two or more distinct ints in decreasing order.
+
+    Accepts ``"32000,16000"`` (the command line and bench specs) and lists in any order; one value is an int, so a
+    single-budget run's config reads as before."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(items, list | tuple) or not items:
+            raise ValueError
+        ints = [int(x) if isinstance(x, str) else x for x in items]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"config: {key} must be an integer or comma-separated integers, got {value!r}") from None
+    ints = sorted(set(ints), reverse=True)
+    return ints[0] if len(ints) == 1 else ints
+
+
 def _typed(key: str, value: Any) -> Any:
     """``value`` checked against the field's type (ints accepted where floats are expected)."""
     hints = typing.get_type_hints(TrainConfig)
@@ -179,6 +214,8 @@ def _typed(key: str, value: Any) -> Any:
     allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if value is None and type(None) in allowed:
         return value
+    if key in ("budget_params", "budget_dim"):
+        return _budgets(key, value)
     for t in allowed:
         if t is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)

@@ -7,6 +7,7 @@ Run folder::
     metrics.jsonl        one line per epoch
     summary.json         one entry per cycle (params, sizes, val/test accuracy, seconds)
     cycles/cycle_K.safetensors, adapters.safetensors (final)
+    budgets/<params>.safetensors   a run of several budgets: the task finished at each (summary entries say which)
     teacher.safetensors, teacher_logits.safetensors   --distill: the teacher and its cached logits
     checkpoint.safetensors   last epoch: trained tensors + optimizer state (resume)
     plots/*.png, report.md
@@ -65,6 +66,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> list
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         info = {**run.info, "budget": trainer.budget, "world_size": world.size, "config_sha256": _sha(out)}
+        if len(trainer.budgets) > 1:
+            info["budgets"] = trainer.budgets
         atomic_write_json(out / "run.json", info)
         (out / "metrics.jsonl").write_text("")
     distributed.barrier(world)
@@ -139,11 +142,33 @@ def resume(run_dir: str | Path, *, lr: float | None = None, log: Callable[[str],
     return trainer.fit(resume_from=cursor)
 
 
-def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors") -> Run:
-    """Rebuild a finished (or interrupted) run's model from its folder, for evaluation."""
+def budget_weights(run_dir: str | Path, budget: int) -> str:
+    """The file, in a run folder, of the task a run of several budgets finished at ``budget`` (adapter parameters).
+
+    Raises:
+        ConfigError: the run kept no task at that budget (the message lists those it kept).
+    """
     out = Path(run_dir)
     if not (out / "config.yaml").is_file():
         raise CheckpointError(f"{out}: not a run folder (no config.yaml)")
+    rel = f"budgets/{budget}.safetensors"
+    if not (out / rel).is_file():
+        kept = sorted((int(p.stem) for p in (out / "budgets").glob("*.safetensors") if p.stem.isdigit()), reverse=True)
+        have = (
+            f"it kept {', '.join(map(str, kept))}" if kept else "it kept none (a run of one budget: leave out --budget)"
+        )
+        raise ConfigError(f"{out}: no task at budget {budget} ({rel}); {have}")
+    return rel
+
+
+def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors", budget: int | None = None) -> Run:
+    """Rebuild a finished (or interrupted) run's model from its folder, for evaluation: its final adapters, another
+    file of the folder (``weights``), or the task a run of several budgets kept at ``budget``."""
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise CheckpointError(f"{out}: not a run folder (no config.yaml)")
+    if budget is not None:
+        weights = budget_weights(out, budget)
     path = out / weights if not Path(weights).is_absolute() else Path(weights)
     cfg = TrainConfig.load(out / "config.yaml")
     cfg.progress = False
@@ -153,10 +178,15 @@ def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors") -> R
     return run
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "test", weights: str = "adapters.safetensors") -> dict:
-    """Accuracy of a run's saved adapters on one split (``val`` or ``test``)."""
+def evaluate_run(
+    run_dir: str | Path, *, split: str = "test", weights: str = "adapters.safetensors", budget: int | None = None
+) -> dict:
+    """Accuracy of a run's saved adapters on one split (``val`` or ``test``); ``budget``: the task a run of several
+    budgets kept at that budget."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
+    if budget is not None:
+        weights = budget_weights(run_dir, budget)
     run = load_run(run_dir, weights=weights)
     res = evaluate(
         run.model,

@@ -72,7 +72,37 @@ def _result(run: BenchRun, summary: list[dict], seconds: float) -> dict[str, Any
         "backbone": {k: info.get(k) for k in ("model", "weights_source", "img_size", "backbone_params", "device")},
         "data": {k: info.get(k) for k in ("data", "n_train", "n_val", "n_test", "num_classes")},
         "wall_seconds": seconds,
+        **({"budgets": kept} if (kept := _kept_budgets(out, summary, head)) else {}),
     }
+
+
+def _kept_budgets(out: Path, summary: list[dict], head: int | None) -> list[dict[str, Any]]:
+    """A run of several budgets: the task it kept at each, largest first, with what reaching it cost (epochs and
+    seconds from the start of the run). One run, so one ``wall_seconds``; the report reads each as a point."""
+    kept = []
+    for k, e in enumerate(summary):
+        if "budget" not in e:
+            continue
+        path = out / "budgets" / f"{e['budget']}.safetensors"
+        kept.append(
+            {
+                "budget": e["budget"],
+                "cycle": e["cycle"],
+                "params": {
+                    "trainable": e["trainable_params"],
+                    "trainable_without_head": e["trainable_params"] - head if head is not None else None,
+                    "adapter": e["adapter_params"],
+                    "head": head,
+                    "pct_of_backbone": e["pct_of_backbone"],
+                },
+                "checkpoint_bytes": path.stat().st_size if path.is_file() else None,
+                "val_acc": e["val_acc"],
+                "test_acc": e["test_acc"],
+                "epochs": sum(c["epochs"] for c in summary[: k + 1]),
+                "seconds": sum(c["seconds"] for c in summary[: k + 1]),
+            }
+        )
+    return kept
 
 
 def _record(run: BenchRun) -> dict[str, Any]:

@@ -17,6 +17,15 @@ def _base_type(tp) -> type:
     return tp
 
 
+def _int_list(text: str) -> int | list[int]:
+    """``8000`` -> 8000; ``32000,16000,8000`` -> [32000, 16000, 8000] (fields typed ``int | list[int]``)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -37,6 +46,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif tp is int and typing.get_args(hints[f.name])[1:2] == (list[int],):  # int | list[int] | None
+            parser.add_argument(flag, type=_int_list, default=argparse.SUPPRESS, metavar="N[,N...]", help=help_text)
         elif tp is dict:
             parser.add_argument(flag, type=_json_dict, default=argparse.SUPPRESS, metavar="JSON", help=help_text)
         else:

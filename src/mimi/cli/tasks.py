@@ -13,13 +13,12 @@ from mimi.core.errors import ConfigError
 
 def _info_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="a run folder, a task file (.safetensors) or a PEFT LoRA folder")
+    p.add_argument("--budget", type=int, metavar="N", help="a run folder's task kept at budget N (several budgets)")
 
 
-def _stored(tensors: dict, scales: dict, names: list[str]) -> tuple[int, int]:
-    """Parameters and bytes on disk of the named tensors (an int8 weight's bytes include its float16 scales)."""
-    n = sum(tensors[k].numel() for k in names)
-    b = sum(tensors[k].numel() * tensors[k].element_size() for k in names)
-    return n, b + sum(2 * scales[k].numel() for k in names if k in scales)
+def _stored(tensors: dict, per: dict[str, int], names: list[str]) -> tuple[int, int]:
+    """Parameters and bytes on disk of the named tensors (a quantised weight's bytes include its float16 scales)."""
+    return sum(tensors[k].numel() for k in names), sum(per.get(k, 0) for k in names)
 
 
 def _info_peft(path: Path) -> int:
@@ -47,15 +46,20 @@ def _info_peft(path: Path) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from mimi.core.quant import SCALES, scale_rows
-    from mimi.core.taskfile import load_tensors, read_metadata, unit_sizes
+    from mimi.core.taskfile import byte_breakdown, load_tensors, read_metadata, tensor_bytes, unit_sizes
     from mimi.deploy.peft_folder import is_peft_folder
 
     if is_peft_folder(args.path):
         return _info_peft(args.path)
-    path = args.path / "adapters.safetensors" if args.path.is_dir() else args.path
+    if args.budget is not None:
+        from mimi.trainer import budget_weights
+
+        path = args.path / budget_weights(args.path, args.budget)
+    else:
+        path = args.path / "adapters.safetensors" if args.path.is_dir() else args.path
     meta = read_metadata(path)
-    tensors = load_tensors(path, dequantize=False)  # as stored: int8 codes and their scales
+    tensors = load_tensors(path, dequantize=False)  # as stored: int8 (int4) codes, scales apart
+    per = tensor_bytes(path, meta)  # bytes on disk of each trained tensor, its scales included
     sizes = unit_sizes(json.loads(meta["sizes"]), json.loads(meta.get("lora", "{}")))  # LoRA: a rank per layer
     head = set(json.loads(meta.get("head", "[]")))
     stored = f", {meta['stored_dtype']}" if meta.get("stored_dtype") else ""
@@ -66,13 +70,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"trained: {meta.get('method', '?')} on {meta.get('data', '?')}, backbone {meta['model']}{size}{source}")
     lora = "lora" in meta
     print(f"{'LoRA layer' if lora else 'adapter':<40} {'rank' if lora else 'hidden':>6} {'params':>9} {'bytes':>9}")
-    scales = scale_rows(tensors) if SCALES in tensors else {}
     trained = [k for k in tensors if not k.startswith("__")]
     for name, h in sizes.items():
-        n, b = _stored(tensors, scales, [k for k in trained if k.startswith(name + ".")])
+        n, b = _stored(tensors, per, [k for k in trained if k.startswith(name + ".")])
         print(f"{name:<40} {h:>6} {n:>9,} {b:>9,}")
-    head_n, _ = _stored(tensors, scales, [k for k in trained if k in head])
-    total, total_b = _stored(tensors, scales, trained)
+    head_n, _ = _stored(tensors, per, [k for k in trained if k in head])
+    total, total_b = _stored(tensors, per, trained)
+    parts = byte_breakdown(path)
+    other = f" + other {parts['other']:,}" if parts["other"] else ""
+    print(
+        f"bytes: {'LoRA' if lora else 'adapters'} {parts['adapters']:,} + head {parts['head']:,} + header "
+        f"{parts['header']:,} (JSON + 8-byte length){other} = {parts['total']:,}"
+    )
     print(f"adapters: {len(sizes)} alive, {sum(sizes.values())} hidden neurons, {total - head_n:,} parameters")
     print(f"head: {head_n:,} parameters; total trained: {total:,} ({total_b:,} bytes)")
     return 0
@@ -93,13 +102,15 @@ def _export_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16", "int8"],
+        choices=["float32", "float16", "bfloat16", "int8", "int4"],
         default="float16",
-        help="storage dtype of the --out file (default: float16, half the bytes; int8: weights as int8 with a "
-        "float16 scale per output channel, biases and head float16)",
+        help="storage dtype of the --out file (default: float16, half the bytes; int8: every weight matrix, the head "
+        "included, as int8 codes with a float16 scale per row or column, whichever are fewer (per class for the "
+        "head), biases float16; int4: adapter and LoRA weights as two 4-bit codes a byte, the head int8)",
     )
     p.add_argument("--card", action="store_true", help="write a model card (README.md) beside the --out file")
     p.add_argument("--weights", default="adapters.safetensors", help="file in the run folder to export")
+    p.add_argument("--budget", type=int, metavar="N", help="export the task a run of several budgets kept at N")
 
 
 def _check_export_args(args: argparse.Namespace) -> Path | None:
@@ -160,6 +171,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mimi.training.run import task_metadata
 
     card_path = _check_export_args(args)
+    if args.budget is not None:
+        from mimi.trainer import budget_weights
+
+        args.weights = budget_weights(args.run_dir, args.budget)
     run = load_run(args.run_dir, weights=args.weights)
     classes = list(run.task.classes) if run.task.classes else None
     license = run.task.license
@@ -170,7 +185,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except ConfigError as e:
             raise ConfigError(f"{args.run_dir}: {e}") from e
     if args.out is not None:
-        dtype = getattr(torch, args.dtype)
+        dtype = "int4" if args.dtype == "int4" else getattr(torch, args.dtype)
         path = save_adapters(run.model, args.out, dtype=dtype, metadata=task_metadata(run))
         before = (args.run_dir / args.weights).stat().st_size
         print(f"{path}: {path.stat().st_size:,} bytes ({args.dtype}; {before:,} bytes as trained)")

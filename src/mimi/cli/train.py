@@ -51,6 +51,7 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", default="adapters.safetensors", help="file in the run folder (e.g. cycles/cycle_2.safetensors)"
     )
+    p.add_argument("--budget", type=int, metavar="N", help="the task a run of several budgets kept at N parameters")
     p.add_argument(
         "--json",
         nargs="?",
@@ -65,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mimi.core.files import atomic_write_json
     from mimi.trainer import evaluate_run
 
-    res = evaluate_run(args.run_dir, split=args.split, weights=args.weights)
+    res = evaluate_run(args.run_dir, split=args.split, weights=args.weights, budget=args.budget)
     if args.json == "-":
         print(json.dumps(res))
         return 0

@@ -22,8 +22,14 @@ class MiMiPruner:
     until that would go below ``budget``: the last cut then lands on the budget exactly (as close as
     whole neurons allow), and :attr:`done` becomes True. The model must be retrained after every cut.
 
+    With ``stops`` (budgets above ``budget`` where the run also keeps a task), a cut that would pass below the next
+    stop lands on it instead, and the schedule goes on from there. Up to the first stop, the targets are those of a
+    run to that stop alone; below it they restart from the stop (``stop * (1 - rho)``, ...), so a later budget is
+    reached by a different path than a run to it alone would take.
+
     Args:
         budget: adapter parameters allowed at the end (head excluded).
+        stops: larger budgets the schedule lands on on its way, largest first.
         rho: fraction removed per cycle, in (0, 1]; ``rho=1`` is one-shot pruning straight to the budget.
         score: neuron score (see :func:`mimi.core.scores.score_names`).
         seed: seed of the ``random`` score.
@@ -36,6 +42,7 @@ class MiMiPruner:
     seed: int = 0
     cycle: int = 0
     history: list[dict] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)
     method: InitVar[str | None] = None
 
     def __post_init__(self, method: str | None) -> None:
@@ -43,6 +50,9 @@ class MiMiPruner:
         self.score = renamed_score_arg(self.score, method, caller="MiMiPruner", stacklevel=4)
         if not isinstance(self.budget, int) or self.budget < 0:
             raise ConfigError(f"MiMiPruner: budget must be a non-negative integer, got {self.budget!r}")
+        self.stops = sorted(set(self.stops), reverse=True)
+        if any(not isinstance(b, int) or b <= self.budget for b in self.stops):
+            raise ConfigError(f"MiMiPruner: stops must be integers above the budget {self.budget}, got {self.stops!r}")
         if not 0.0 < self.rho <= 1.0:
             raise ConfigError(f"MiMiPruner: rho must be in (0, 1], got {self.rho!r}")
         check_score(self.score)
@@ -51,7 +61,19 @@ class MiMiPruner:
         """Parameter target of the next cut given the current adapter parameter count; None when done."""
         if current <= self.budget:
             return None
-        return max(self.budget, math.floor(current * (1.0 - self.rho)))
+        floor = max(b for b in (*self.stops, self.budget) if b < current)  # the next budget below: never cut past it
+        return max(floor, math.floor(current * (1.0 - self.rho)))
+
+    @property
+    def budgets(self) -> list[int]:
+        """Every budget the schedule lands on, largest first (the stops, then the final budget)."""
+        return [*self.stops, self.budget]
+
+    def landed(self) -> int | None:
+        """The budget the last cut landed on (its target), or None when the last cut was an intermediate one."""
+        if not self.history or self.history[-1]["target"] not in self.budgets:
+            return None
+        return self.history[-1]["target"]
 
     def planned_targets(self, current: int) -> list[int]:
         """All targets from ``current`` down to the budget (the planned cycles, for display)."""
@@ -85,6 +107,7 @@ class MiMiPruner:
             "seed": self.seed,
             "cycle": self.cycle,
             "history": list(self.history),
+            **({"stops": list(self.stops)} if self.stops else {}),  # a single-budget state reads as it always did
         }
 
     @classmethod

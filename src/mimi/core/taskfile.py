@@ -2,12 +2,22 @@
 
 The adapter config and per-adapter hidden sizes live in the file's metadata, so a bare backbone of the
 same architecture is restored exactly by :func:`load_adapters`.
+
+Quantised files (``dtype=torch.int8`` / ``"int4"``, see :mod:`mimi.core.quant`) are written in a compact form,
+:data:`FORMAT_COMPACT`: the metadata keys are short (:data:`SHORT`), JSON values carry no spaces, the architecture is
+left out where the model name gives it, and the packed layout and the adapter sizes are folded: a module name's
+numbers are taken out (``blocks.{}.ls{}.adapter.down``, then ``[3, 1, ...]`` per module) and each distinct
+``{param: shape}`` is written once. :func:`read_metadata` and :func:`load_tensors` expand it back, so every reader
+sees the same long entries as in any other file. :func:`byte_breakdown` says where a file's bytes go.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,10 +29,42 @@ from mimi.core.errors import CheckpointError, ModelError
 from mimi.core.files import atomic_write
 from mimi.core.lora import apply_lora_layout, lora_layout
 from mimi.core.modules import architecture_of, classifier
-from mimi.core.quant import dequantize_state, layout_names, quantize_state, unpack
+from mimi.core.quant import (
+    LAYOUT,
+    META_KEY,
+    SCHEME_INT4,
+    SCHEME_INT8,
+    SCHEMES,
+    dequantize_state,
+    layout_names,
+    quantize_state,
+    stored_bytes,
+    unpack,
+)
 from mimi.core.shrink import apply_plan
 
 FORMAT = "mimi-adapters/1"
+FORMAT_COMPACT = "mimi-adapters/2"  # quantised files: short keys, folded layout and sizes (expanded when read)
+SHORT = {
+    "adapter_config": "ac",
+    "architecture": "ar",
+    "backbone_fingerprint": "fp",
+    "classes": "cl",
+    "data": "da",
+    "distill": "di",
+    "head": "hd",
+    "img_size": "is",
+    "license": "li",
+    "lora": "lo",
+    "method": "me",
+    "model": "mo",
+    "num_classes": "nc",
+    "weights_source": "ws",
+}
+LONG = {v: k for k, v in SHORT.items()}
+_JSON_KEYS = {"adapter_config", "classes", "distill", "head", "lora"}  # written again without spaces
+_BITS = {SCHEME_INT8: "8", SCHEME_INT4: "4"}  # the "q" entry of a compact file: the adapters' bits
+_RESERVED = set(LONG) | {"format", "q", "ly", "sz"}  # a metadata key of the caller's among these is escaped: "=key"
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,9 +98,11 @@ def save_adapters(
         extra_tensors: more tensors to store under their own names (e.g. optimizer state of a resumable
             checkpoint); they must not clash with parameter names and are ignored by :func:`load_adapters`.
         dtype: store the trained floating-point tensors in this dtype (e.g. ``torch.float16`` halves the
-            file; loading casts back to the model's dtype). ``torch.int8``: adapter and LoRA weights as int8 with a
-            float16 scale per output channel, biases and head in float16 (see :mod:`mimi.core.quant`); dequantised
-            once when read. Default: as trained, so logits reload exactly.
+            file; loading casts back to the model's dtype). ``torch.int8``: every weight matrix (adapters, LoRA,
+            the head) as int8 codes with float16 scales (one per class for the head, one per hidden neuron for an
+            adapter), biases in float16; ``torch.int4`` (or ``"int4"``): the same with the adapter and LoRA codes
+            as int4, two a byte, the head int8 (see :mod:`mimi.core.quant`). Quantised files are dequantised once
+            when read, and their metadata is compact (see above). Default: as trained, so logits reload exactly.
 
     Returns:
         The path written.
@@ -83,16 +127,166 @@ def save_adapters(
         meta["lora"] = json.dumps(layout)  # per-layer rank and alpha: uneven ranks reload from the file alone
     meta.update(metadata or {})
     tensors = trained_state(model)
-    if dtype == torch.int8:
-        tensors, qmeta = quantize_state(tensors, keep_float=set(head_param_names(model)))
+    bits = quantised_bits(dtype)
+    if bits is not None:
+        tensors, qmeta = quantize_state(tensors, head=set(head_param_names(model)), bits=bits)
         meta.update(qmeta)
-        meta["stored_dtype"] = "int8"
+        meta["stored_dtype"] = SCHEMES[qmeta[META_KEY]]
         del meta["trainable"]  # the layout names every trained tensor (see trainable_names)
+        meta = compact_metadata(meta)
     elif dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         meta["stored_dtype"] = str(dtype).removeprefix("torch.")
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def quantised_bits(dtype: object) -> int | None:
+    """8 for ``torch.int8``, 4 for ``torch.int4`` or ``"int4"``, None for any other storage dtype."""
+    if dtype is None:
+        return None
+    if dtype == torch.int8 or dtype == "int8":
+        return 8
+    if dtype == "int4" or dtype == getattr(torch, "int4", "int4"):
+        return 4
+    return None
+
+
+# ------------------------------------------------------------------ compact metadata of quantised files
+
+
+def _pattern(name: str) -> tuple[str, list[int]]:
+    """``blocks.3.ls1.adapter`` -> ``("blocks.{}.ls{}.adapter", [3, 1])`` (a str.format pattern, braces escaped;
+    a number written with a leading zero stays in the pattern)."""
+    parts = re.split(r"(\d+)", name)
+    pattern, nums = [], []
+    for i, part in enumerate(parts):
+        if i % 2 and str(int(part)) == part:
+            pattern.append("{}")
+            nums.append(int(part))
+        else:
+            pattern.append(part.replace("{", "{{").replace("}", "}}"))
+    return "".join(pattern), nums
+
+
+def fold_names(values: dict[str, Any]) -> dict[str, list[list]]:
+    """``{name: value}`` -> ``{pattern: [[*numbers, value], ...]}``: each pattern of names written once."""
+    out: dict[str, list[list]] = {}
+    for name, value in values.items():
+        pattern, nums = _pattern(name)
+        out.setdefault(pattern, []).append([*nums, value])
+    return out
+
+
+def unfold_names(folded: dict[str, list[list]]) -> dict[str, Any]:
+    """The inverse of :func:`fold_names`, in the order of the names' numbers (block by block), then of the
+    patterns (so a model's own order where its names number its blocks first)."""
+    rows = []
+    for g, (pattern, entries) in enumerate(folded.items()):
+        for i, row in enumerate(entries):
+            nums = [int(n) for n in row[:-1]]
+            rows.append((nums, g, i, pattern.format(*nums), row[-1]))
+    return {name: value for *_, name, value in sorted(rows, key=lambda r: r[:3])}
+
+
+def _fold_layout(layout: str, owners: list[str]) -> str:
+    """The packed layout ``{module: {param: shape}}`` as ``{"s": [each distinct {param: shape}], "m": folded
+    {owner: index into s}}``, where a tensor's owner is the adapter or LoRA layer (``owners``) its name starts
+    with, else its module: an adapter's down and up projections are one entry."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    by_length = sorted(owners, key=len, reverse=True)
+    for module, params in json.loads(layout).items():
+        for param, shape in params.items():
+            name = f"{module}.{param}" if module else param
+            owner = next((o for o in by_length if name.startswith(o + ".")), module)
+            groups.setdefault(owner, {})[name[len(owner) + 1 :] if owner else name] = shape
+    sigs: list[dict] = []
+    index: dict[str, int] = {}
+    folded = {}
+    for owner, params in groups.items():
+        key = json.dumps(params, sort_keys=True)
+        if key not in index:
+            index[key] = len(sigs)
+            sigs.append(params)
+        folded[owner] = index[key]
+    return _dumps({"s": sigs, "m": fold_names(folded)})
+
+
+def _unfold_layout(folded: str) -> str:
+    """The packed layout of a compact file, in packed order (sorted tensor names), as :func:`_fold_layout` read it."""
+    d = json.loads(folded)
+    sigs = d["s"]
+    names = sorted(
+        (f"{owner}.{param}" if owner else param, [int(n) for n in shape])
+        for owner, i in unfold_names(d["m"]).items()
+        for param, shape in sigs[i].items()
+    )
+    layout: dict[str, dict[str, list[int]]] = {}
+    for name, shape in names:
+        module, _, param = name.rpartition(".")
+        layout.setdefault(module, {})[param] = shape
+    return _dumps(layout)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def compact_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """The metadata of a quantised file as written: short keys, folded layout and sizes (see the module doc)."""
+    out = {"format": FORMAT_COMPACT}
+    for key, value in meta.items():
+        if key in ("format", "stored_dtype"):  # the format is the compact one; the scheme gives the dtype
+            continue
+        if key == META_KEY:
+            out["q"] = _BITS[value]
+        elif key == LAYOUT:
+            owners = list(json.loads(meta.get("sizes", "{}"))) + list(json.loads(meta.get("lora", "{}")))
+            out["ly"] = _fold_layout(value, owners)
+        elif key == "sizes":
+            out["sz"] = _dumps(fold_names(json.loads(value)))
+        elif key == "architecture" and value == architecture_of(meta.get("model")):
+            continue  # readers take it from the model name
+        elif key in SHORT:
+            if key in _JSON_KEYS:
+                try:
+                    value = _dumps(json.loads(value))
+                except json.JSONDecodeError:
+                    pass  # not JSON: kept as given
+            out[SHORT[key]] = value
+        else:
+            out["=" + key if key in _RESERVED or key.startswith("=") else key] = value
+    return out
+
+
+def expand_metadata(raw: dict[str, str], path: object = "the file") -> dict[str, str]:
+    """The metadata as every reader sees it: a compact file's entries under their long names, its layout and sizes
+    unfolded (any other file's as they are)."""
+    if raw.get("format") != FORMAT_COMPACT:
+        return raw
+    meta = {"format": FORMAT}
+    try:
+        for key, value in raw.items():
+            if key == "format":
+                continue
+            if key.startswith("="):
+                meta[key[1:]] = value
+            elif key == "q":
+                scheme = next((s for s, b in _BITS.items() if b == value), f"compact q={value}")
+                meta[META_KEY] = scheme
+                meta["stored_dtype"] = SCHEMES.get(scheme, f"q{value}")
+            elif key == "ly":
+                meta[LAYOUT] = _unfold_layout(value)
+            elif key == "sz":
+                meta["sizes"] = _dumps(unfold_names(json.loads(value)))
+            else:
+                meta[LONG.get(key, key)] = value
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"{path}: a damaged int8 task file (its compact metadata does not parse: {type(e).__name__}); "
+            "export it again"
+        ) from e
+    return meta
 
 
 def model_architecture(model: nn.Module) -> str | None:
@@ -123,6 +317,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    meta = expand_metadata(meta, path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a mimi adapter checkpoint (format {meta.get('format')!r}, expected {FORMAT})"
@@ -149,15 +344,74 @@ def check_architecture(model: nn.Module, meta: dict[str, str], path: str | Path)
 
 
 def load_tensors(path: str | Path, *, dequantize: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; int8 ones (``mimi export --dtype int8``) dequantised to float32 unless
-    ``dequantize`` is False (then as stored, their scales included)."""
+    """Every tensor of a safetensors file; quantised ones (``mimi export --dtype int8``) dequantised to float32
+    unless ``dequantize`` is False (then as stored, by name: int8 codes, int4 codes as int8, float16 values, and
+    every quantised tensor's scales together under ``mimi.core.quant.SCALES``)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: a truncated or damaged safetensors file ({e}); write it again") from e
+    meta = expand_metadata(meta, path)
     return dequantize_state(tensors, meta, path) if dequantize else unpack(tensors, meta, path)
+
+
+def _raw_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The length of a safetensors file's JSON header and the header itself."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return n, json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise CheckpointError(f"{path}: a truncated or damaged safetensors file ({e}); write it again") from e
+
+
+def tensor_bytes(path: str | Path, meta: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes on disk of each trained tensor of a task file, by name: its values, or its codes and scales."""
+    path = Path(path)
+    meta = meta if meta is not None else read_metadata(path)
+    packed = stored_bytes(meta, path)
+    if packed:
+        return packed
+    _, header = _raw_header(path)
+    out = {}
+    for name in trainable_names(meta, path):
+        entry = header.get(name) or {}
+        start, end = entry.get("data_offsets", (0, 0))
+        out[name] = end - start
+        if META_KEY in meta and entry.get("dtype") == "I8" and len(entry.get("shape", ())) == 2:
+            out[name] += 2 * entry["shape"][0]  # the first int8 layout: its row scales, in one tensor apart
+    return out
+
+
+def byte_breakdown(path: str | Path) -> dict[str, int]:
+    """Where a task file's bytes go: ``adapters`` (every trained tensor but the head's: adapters, LoRA, or other
+    method tensors, their scales included), ``head``, ``header`` (the JSON header and its 8-byte length),
+    ``other`` (tensors that are not trained ones, e.g. a resumable checkpoint's state; 0 for a task file) and
+    ``total``, the file's size, which the other four add up to exactly."""
+    path = Path(path)
+    meta = read_metadata(path)
+    n, _ = _raw_header(path)
+    per = tensor_bytes(path, meta)
+    head = set(file_head_names(meta, path))
+    parts = {
+        "adapters": sum(b for name, b in per.items() if name not in head),
+        "head": sum(b for name, b in per.items() if name in head),
+        "header": 8 + n,
+    }
+    total = path.stat().st_size
+    parts["other"] = total - sum(parts.values())
+    parts["total"] = total
+    return parts
+
+
+def file_head_names(meta: dict[str, str], path: str | Path = "the file") -> list[str]:
+    """The names of the head's tensors a file records (its ``head`` entry)."""
+    try:
+        return json.loads(meta.get("head", "[]"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata entry 'head' is not valid JSON ({e.msg})") from e
 
 
 def trainable_names(meta: dict[str, str], path: str | Path = "the file") -> list[str]:

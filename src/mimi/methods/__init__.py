@@ -5,7 +5,7 @@ with :func:`register` (or, from an installed package, an entry point of the grou
 """
 
 # Importing a method module registers its methods: adapters and simple baselines, LoRA, SSF, VPT, the PEFT peers.
-from mimi.methods import adapter_methods, lora, peft_methods, ssf, vpt  # noqa: F401
+from mimi.methods import adapter_methods, fact, lora, peft_methods, peft_vera, ssf, vpt  # noqa: F401
 from mimi.methods.base import (
     METHODS,
     Method,
@@ -19,6 +19,7 @@ from mimi.methods.base import (
     method_traits,
     option,
     parameter_budget,
+    parameter_budgets,
     register,
     run_flag,
     servable_methods,
@@ -38,6 +39,7 @@ __all__ = [
     "method_traits",
     "option",
     "parameter_budget",
+    "parameter_budgets",
     "register",
     "run_flag",
     "servable_methods",

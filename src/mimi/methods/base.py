@@ -225,13 +225,26 @@ class Method:
 
 
 def parameter_budget(
-    model: nn.Module, *, budget_params: int | None = None, budget_dim: int | None = None
+    model: nn.Module, *, budget_params: int | list[int] | None = None, budget_dim: int | list[int] | None = None
 ) -> int | None:
     """The adapter-parameter budget of a run: ``budget_params``, or the parameters of uniform sequential adapters of
-    hidden size ``budget_dim`` on ``model``'s blocks (the one rule behind ``--budget-params`` / ``--budget-dim``)."""
+    hidden size ``budget_dim`` on ``model``'s blocks (the one rule behind ``--budget-params`` / ``--budget-dim``).
+    Where several budgets are given, the smallest: the run's last."""
+    budgets = parameter_budgets(model, budget_params=budget_params, budget_dim=budget_dim)
+    return budgets[-1] if budgets else None
+
+
+def parameter_budgets(
+    model: nn.Module, *, budget_params: int | list[int] | None = None, budget_dim: int | list[int] | None = None
+) -> list[int]:
+    """Every budget of a run in adapter parameters, largest first (one for most runs; several when a pruning run
+    keeps a task at each); ``[]`` when none is given."""
     if budget_dim is not None:
-        return uniform_adapter_params(model, budget_dim)
-    return budget_params
+        dims = budget_dim if isinstance(budget_dim, list) else [budget_dim]
+        return sorted({uniform_adapter_params(model, d) for d in dims}, reverse=True)
+    if budget_params is None:
+        return []
+    return sorted(set(budget_params if isinstance(budget_params, list) else [budget_params]), reverse=True)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -41,6 +41,15 @@ def check_rank(name: str, rank: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {rank!r}")
 
 
+def check_rank_or_budget(rank: Any, budget_params: Any) -> None:
+    """The options of a method whose rank is given or picked from a budget: one of the two, each valid."""
+    if rank is not None and budget_params is not None:
+        raise ConfigError("give rank or budget_params in method_kwargs, not both")
+    check_rank("rank", rank)
+    if budget_params is not None and budget_params < 0:
+        raise ConfigError(f"budget_params must be >= 0, got {budget_params}")
+
+
 def resolve_rank(
     model: nn.Module,
     ctx: PrepareContext,
@@ -79,11 +88,7 @@ class LoRAOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rank is not None and self.budget_params is not None:
-            raise ConfigError("give rank or budget_params in method_kwargs, not both")
-        check_rank("rank", self.rank)
-        if self.budget_params is not None and self.budget_params < 0:
-            raise ConfigError(f"budget_params must be >= 0, got {self.budget_params}")
+        check_rank_or_budget(self.rank, self.budget_params)
 
 
 @register("lora")

@@ -51,7 +51,39 @@ def load_results(results: Path | Sequence[Path]) -> list[dict[str, Any]]:
                     )
                 continue
             by_id[rec["id"]] = (rec, folder)
-    return [rec for rec, _ in by_id.values()]
+    return [point for rec, _ in by_id.values() for point in budget_points(rec)]
+
+
+def budget_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run of several budgets as one record per budget it kept (largest first), each as a run to that budget
+    would be recorded: its own id (``<run id>@<budget>``), ``budget_params`` in its config and grid, the parameters,
+    accuracies and cycles up to that budget, and ``run_id`` naming the one run they share (its cost is counted
+    once, see :func:`wall_seconds`). Any other record is returned as it is."""
+    kept = rec.get("budgets")
+    if rec.get("status") != "ok" or not kept:
+        return [rec]
+    points = []
+    for k in kept:
+        b = k["budget"]
+        point = {key: v for key, v in rec.items() if key != "budgets"}
+        point.update(
+            id=f"{rec['id']}@{b}",
+            run_id=rec["id"],
+            grid={**rec.get("grid", {}), "budget_params": b},
+            config={**rec.get("config", {}), "budget_params": b},
+            budget=b,
+            cycles=rec.get("cycles", [])[: k["cycle"] + 1],
+            epochs=k["epochs"],
+            **{key: k[key] for key in ("params", "checkpoint_bytes", "val_acc", "test_acc")},
+        )
+        points.append(point)
+    return points
+
+
+def wall_seconds(recs: list[dict]) -> float:
+    """Total wall time of the runs behind ``recs``: the points of one run of several budgets count it once."""
+    walls = {r.get("run_id", r["id"]): r.get("wall_seconds", 0) or 0 for r in recs}
+    return sum(walls.values())
 
 
 def variant(rec: dict, skip: tuple[str, ...] = ()) -> str:
@@ -371,6 +403,40 @@ def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0, against: st
     return rows
 
 
+def by_param_budget(ok: list[dict]) -> dict[int, dict[str, list[dict]]]:
+    """Budget in adapter parameters -> method label -> runs, for runs sized by ``--budget-params`` (one number):
+    the kilobyte budgets, below what a uniform adapter can express, where every peer is given MiMi's budget."""
+    out: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        cfg = r.get("config", {})
+        b = cfg.get("budget_params")
+        if isinstance(b, int) and cfg.get("budget_dim") is None and cfg.get("score", "mimi") == "mimi":
+            out[b][r["label"]].append(r)
+    return out
+
+
+def param_budget_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
+    """Each method minus MiMi at the same parameter budget (see :func:`by_param_budget`), paired by (task, seed)
+    as in :func:`paired_table`, with each side's mean trained parameters (no head)."""
+    header = ["budget (params)", "method", "params (no head)", "pairs (seeds)", "method − mimi"]
+    rows = [header + ["95% bootstrap interval", "tasks resampled", "tasks above/below", "verdict"]]
+    for b, named in sorted(by_param_budget(ok).items(), reverse=True):
+        ref = _by_pair([r for rs in named.values() if _is_mimi(rs[0]) for r in rs])
+        for name, rs in sorted(named.items(), key=lambda kv: (not _is_mimi(kv[1][0]), kv[0])):
+            params = statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
+            if _is_mimi(rs[0]):
+                rows.append([f"{b:,}", name, f"{params:,.0f}", f"{len(rs)} runs", "(reference)", "", "", "", ""])
+                continue
+            c = compare_pairs(b, name, _by_pair(rs), ref, seed)
+            if c is None:
+                rows.append([f"{b:,}", name, f"{params:,.0f}", f"{len(rs)} runs", "no MiMi pair", "", "", "", ""])
+                continue
+            d = c.diff
+            row = [f"{b:,}", name, f"{params:,.0f}", f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", _interval(c)]
+            rows.append(row + [_across(c), f"{c.above}/{c.below}", c.verdict])
+    return rows
+
+
 def plot_paired(ok: list[dict], path: Path, slack: float = 0.02, seed: int = 0) -> Path | None:
     """A forest plot of ``paired_comparisons``: each method's mean gap to MiMi with its 95% interval, one row
     per (budget, method); red where MiMi is ahead, blue where the method is, grey where 0 is inside."""
@@ -642,11 +708,18 @@ def write_report(
     forest = plot_paired(ok, out / "paired_vs_mimi.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
     btable, ptable, atable = budget_table(ok), paired_table(ok), ablation_table(ok)
-    wall = sum(r.get("wall_seconds", 0) for r in recs)
+    wall = wall_seconds(recs)
+    n_multi = any("run_id" in r for r in ok)
     lines = [
         "# Benchmark report",
         "",
-        f"{len(ok)} runs ok, {len(failed)} failed; {len(groups)} groups, "
+        f"{len(ok)} runs ok"
+        + (
+            f" ({len({r.get('run_id', r['id']) for r in ok})} trained: one run keeps several budgets)"
+            if n_multi
+            else ""
+        )
+        + f", {len(failed)} failed; {len(groups)} groups, "
         f"{sum(len(t) for t in groups.values())} tasks; total wall time {wall / 3600:.2f} h. "
         "Test top-1 accuracy (%) of each run's final model (test is never used to select anything), mean over "
         "seeds, with ± its standard error and (the number of seeds) where there are two or more; "
@@ -688,6 +761,18 @@ def write_report(
             _md(ptable),
             "",
         ] + ([f"![paired differences to MiMi]({forest.name})", ""] if forest else [])
+    kb = param_budget_table(ok)
+    if len(kb) > 1:
+        lines += [
+            "## At parameter budgets, paired by seed",
+            "",
+            "Runs sized by one `--budget-params` (MiMi's kilobyte budgets, below a uniform adapter of one neuron; "
+            "a run of several budgets gives one point per budget). Each method minus MiMi at the same budget, "
+            "paired by (task, seed), with the intervals and verdicts of the section above.",
+            "",
+            _md(kb),
+            "",
+        ]
     extra = {a: paired_table(ok, against=a) for a in against}
     for a, rows in extra.items():
         lines += [f"## Against {a} at the same budget, paired by seed", ""]
@@ -731,6 +816,7 @@ def write_report(
         f"<h2>Per group</h2>{_html(gtable)}"
         + (f"<h2>At the same budget</h2>{_html(btable)}" if len(btable) > 1 else "")
         + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
+        + (f"<h2>At parameter budgets, paired by seed</h2>{_html(kb)}" if len(kb) > 1 else "")
         + "".join(f"<h2>Against {html.escape(a)}, paired by seed</h2>{_html(rows)}" for a, rows in extra.items())
         + (f"<h2>MiMi ablation</h2>{_html(atable)}" if atable else "")
         + "".join(f"<h2>Where {m} leaves its units</h2>{_html(rows)}" for m, rows in roles.items() if rows)

@@ -30,7 +30,7 @@ from mimi.training.engine import (
     train_epoch,
     warmup_cosine,
 )
-from mimi.training.run import Run, cycle_epochs, resolve_budget, steps_per_epoch, task_metadata
+from mimi.training.run import Run, cycle_epochs, resolve_budgets, steps_per_epoch, task_metadata
 from mimi.training.state import Cursor, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,16 @@ class Trainer:
                 f"{self.world.size} processes"
             )
         self.net = self._wrap()
-        self.budget = resolve_budget(self.cfg, run.model)
+        self.budgets = resolve_budgets(self.cfg, run.model)  # largest first; the last is the run's final budget
+        self.budget = self.budgets[-1] if self.budgets else None
         self.pruner: MiMiPruner | None = None
         if run.method.traits.prunes:
             if self.budget is None:
                 raise ConfigError(f"method {self.cfg.method} needs a budget: pass --budget-params N or --budget-dim H")
             rho = 1.0 if run.method.traits.one_shot else self.cfg.rho
-            self.pruner = MiMiPruner(budget=self.budget, rho=rho, score=self.cfg.score, seed=self.cfg.seed)
+            self.pruner = MiMiPruner(
+                budget=self.budget, rho=rho, score=self.cfg.score, seed=self.cfg.seed, stops=self.budgets[:-1]
+            )
         self.grad_acc = GradientAccumulator(run.model) if self.cfg.score == "gradient" and self.pruner else None
         self.summary: list[dict] = []
         self.best: dict | None = None  # --select best-val: {"val_acc", "epoch", "state"} of this cycle
@@ -288,6 +291,9 @@ class Trainer:
             entry["selected_epoch"] = self.best["epoch"]
         if self.distill is not None:
             entry["distilled"] = self._distilled(cycle)
+        kept = self._kept_budget()
+        if kept is not None:
+            entry["budget"] = kept
         entry.update(self.run.method.extra_info(self.run.model))
         self.summary.append(entry)
         if self.distill is not None and self.distill.teacher is None and cycle == 0 and self.pruner is not None:
@@ -301,6 +307,8 @@ class Trainer:
             ckpt.save_adapters(
                 self.run.model, out / "cycles" / f"cycle_{cycle}.safetensors", metadata=task_metadata(self.run)
             )
+        if kept is not None:  # a finished task of its own (before the checkpoint: a resumed run never lacks it)
+            ckpt.save_adapters(self.run.model, budget_file(out, kept), metadata=task_metadata(self.run))
         atomic_write_json(out / "summary.json", self.summary)
         self._save_checkpoint(opt, sched.last_epoch)
         self.log(
@@ -310,12 +318,19 @@ class Trainer:
         )
         _plots(out, self.summary, self.run.info)
 
+    def _kept_budget(self) -> int | None:
+        """The budget this cycle ends on, in a run of several budgets (each kept as a task of its own); else None."""
+        if self.pruner is None or not self.pruner.stops:
+            return None
+        return self.pruner.landed()
+
     def _tests(self, cycle: int) -> bool:
         """Whether the test split is evaluated after ``cycle``: every cycle, or with ``--test-every last`` only
-        the one after which the loop stops (budget met, no schedule, or the --max-cycles cap)."""
+        the ones whose model is kept as a task (a budget of several, the end: budget met, no schedule, or the
+        --max-cycles cap)."""
         if self.cfg.test_every == "cycle" or self.pruner is None:
             return True
-        return self.pruner.done(self.run.model) or cycle + 1 > self.cfg.max_cycles
+        return self.pruner.done(self.run.model) or cycle + 1 > self.cfg.max_cycles or self._kept_budget() is not None
 
     def _restore_best(self) -> None:
         """--select best-val: end the cycle with the weights of its best validation epoch."""
@@ -384,6 +399,11 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return self.summary
+
+
+def budget_file(out: Path, budget: int) -> Path:
+    """Where a run of several budgets keeps the task it finished at ``budget`` (adapter parameters)."""
+    return Path(out) / "budgets" / f"{budget}.safetensors"
 
 
 def _tensorboard(out: Path):

@@ -20,7 +20,7 @@ from mimi.backbones import (
     model_img_size,
     preprocessing,
 )
-from mimi.config import TrainConfig
+from mimi.config import TrainConfig, budget_list
 from mimi.core.adapters import adapter_param_count, adapter_roles, adapters
 from mimi.core.device import autocast_dtype, resolve_device
 from mimi.core.errors import ConfigError
@@ -28,7 +28,7 @@ from mimi.core.modules import classifier
 from mimi.core.scores import check_score
 from mimi.core.shrink import apply_plan
 from mimi.data import TaskData, build_task
-from mimi.methods import Method, get_method, parameter_budget
+from mimi.methods import Method, get_method, parameter_budgets
 from mimi.training.distill import check_teacher
 
 
@@ -103,6 +103,11 @@ def preflight(cfg: TrainConfig) -> None:
         check_only=True,
     )
     method.options_from(cfg)  # --method-kwargs and the flags the method reads, refused here for every method
+    if not method.traits.prunes and len(budget_list(cfg.budget_params) + budget_list(cfg.budget_dim)) > 1:
+        raise ConfigError(
+            f"method {cfg.method} trains one model: give it one budget (several budgets are for a pruning method, "
+            "which keeps a task at each)"
+        )
     check_teacher(cfg, task.num_classes)  # --distill: a teacher there is, on this backbone, with these classes
     if method.traits.prunes:
         model.reset_classifier(task.num_classes)
@@ -113,21 +118,21 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def check_budget(cfg: TrainConfig, model: nn.Module) -> None:
-    """A pruning run must have something to prune, and must keep at least one neuron."""
-    budget = resolve_budget(cfg, model)
-    if budget is None:
+    """A pruning run must have something to prune, and must keep at least one neuron (at every budget it has)."""
+    budgets = resolve_budgets(cfg, model)
+    if not budgets:
         raise ConfigError(f"method {cfg.method} needs a budget: pass --budget-params N or --budget-dim H")
     start = adapter_param_count(model)
     cheapest = min((a.num_params(1) for _, a in adapters(model)), default=0)
-    if budget >= start:
+    if budgets[0] >= start:
         raise ConfigError(
-            f"budget {budget:,} is at or above the {start:,} adapter parameters at insertion: nothing to prune; "
+            f"budget {budgets[0]:,} is at or above the {start:,} adapter parameters at insertion: nothing to prune; "
             "lower --budget-params / --budget-dim, raise --adapter-dim, or train with --method adapter"
         )
-    if budget < cheapest:
+    if budgets[-1] < cheapest:
         raise ConfigError(
-            f"budget {budget:,} is below the cheapest adapter neuron ({cheapest:,} parameters): every adapter would "
-            "be removed; raise the budget, or train only the head with --method linear"
+            f"budget {budgets[-1]:,} is below the cheapest adapter neuron ({cheapest:,} parameters): every adapter "
+            "would be removed; raise the budget, or train only the head with --method linear"
         )
 
 
@@ -203,6 +208,7 @@ def build_run(cfg: TrainConfig, *, sizes: dict[str, int] | None = None, device: 
     return Run(cfg, model, task, method, device, autocast_dtype(device, cfg.precision), backbone_params, info)
 
 
-def resolve_budget(cfg: TrainConfig, model: nn.Module) -> int | None:
-    """The adapter parameter budget: given directly, or as uniform adapters of ``budget_dim``."""
-    return parameter_budget(model, budget_params=cfg.budget_params, budget_dim=cfg.budget_dim)
+def resolve_budgets(cfg: TrainConfig, model: nn.Module) -> list[int]:
+    """The adapter parameter budgets, largest first: given directly, or as uniform adapters of ``budget_dim``
+    (one for most runs; ``[]`` when none is given)."""
+    return parameter_budgets(model, budget_params=cfg.budget_params, budget_dim=cfg.budget_dim)
