@@ -768,7 +768,7 @@ def write_report(
             "",
             "Runs sized by one `--budget-params` (MiMi's kilobyte budgets, below a uniform adapter of one neuron; "
             "a run of several budgets gives one point per budget). Each method minus MiMi at the same budget, "
-            "paired by (task, seed), with the intervals and verdicts of the section above.",
+            "paired by (task, seed): the mean difference, its 95% bootstrap interval (pairs resampled, then tasks resampled) and the verdict rules of the r-budget tables.",
             "",
             _md(kb),
             "",
