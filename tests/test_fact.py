@@ -10,7 +10,8 @@ import pytest
 import timm
 import torch
 from conftest import tiny_dinov2, tiny_swin, tiny_vit
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from test_bank import bare, make_task, reference
 from torch import nn
 from vtab_fixture import write_vtab_task
 
@@ -19,11 +20,13 @@ from mimi.cli import main
 from mimi.config import TrainConfig
 from mimi.core.errors import CheckpointError, ConfigError, ModelError
 from mimi.core.lora import LoRALinear
-from mimi.core.taskfile import restore_trained, save_adapters
+from mimi.core.taskfile import byte_breakdown, read_metadata, restore_trained, save_adapters
 from mimi.methods import PrepareContext, get_method, method_traits
 from mimi.methods.fact import (
+    META,
     FacTLinear,
     FacTOptions,
+    add_fact,
     fact_layers,
     fact_params_at,
     fact_rank_for_budget,
@@ -243,37 +246,117 @@ def test_bf16_autocast_runs():
         assert model(x).shape == (4, C)
 
 
-def _bare() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_vit(num_classes=0).eval()
-
-
-def test_a_bank_refuses_the_fact_file_and_serves_it_converted_to_lora(tmp_path):
-    assert not method_traits("fact-tt").servable
-    model = _bare()
+def fact_task(path, *, arch: str = "vit", rank: int = 2, scale: float = 2.0, meta: bool = True, **save_kw):
+    """(trained FacT model in eval mode, its task file) on the bank's backbone; ``meta=False``: the file lacks the
+    ``fact`` entry (a file from before it)."""
+    model = bare(arch)  # the bank tests' backbone: the same weights every time
     model.reset_classifier(3)
-    get_method("fact-tt").prepare(model, FacTOptions(rank=2, scale=2.0), PrepareContext(seed=1))
+    method = get_method("fact-tt")
+    method.prepare(model, FacTOptions(rank=rank, scale=scale), PrepareContext(seed=1))
     randomize(model, seed=4)
     model.eval()
-    fact_file = save_adapters(model, tmp_path / "fact.safetensors", metadata={"method": "fact-tt"})
-    bank = mimi.AdapterBank(_bare(), device="cpu")
-    with pytest.raises(CheckpointError, match="'fact-tt' cannot be served by a bank"):
-        bank.add("fact", fact_file)
+    extra = method.task_metadata(model) if meta else {}
+    return model, save_adapters(model, path, metadata={"method": "fact-tt", **extra}, **save_kw)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_a_bank_serves_the_fact_file_as_lora(arch, tmp_path):
+    """The FacT file itself (U, V, Sigmas, head: no LoRA tensor) is served as the equal LoRA layers: the trained
+    model's logits; its entry records the scale (and on Swin which width each layer has)."""
+    assert method_traits("fact-tt").servable
+    model, fact_file = fact_task(tmp_path / "fact.safetensors", arch=arch)
+    stored = load_file(str(fact_file))
+    assert set(stored) == set(trainable(model)) and not any(".lora_" in n for n in stored)
+    entry = json.loads(read_metadata(fact_file)[META])
+    assert entry == ({"s": 2} if arch == "vit" else {"s": 2, "w": [[32, 4], [64, 4]]})
+    bank = mimi.AdapterBank(bare(arch), device="cpu")
+    bank.add("fact", fact_file)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
+        torch.testing.assert_close(bank.logits(x, "fact"), expected, atol=1e-5, rtol=0)
+    info = bank.info()["fact"]
+    n_fact = sum(t.numel() for n, t in stored.items() if not n.startswith("head."))
+    assert info["method"] == "fact-tt" and info["adapter_params"] == n_fact  # what the file stores, not the LoRA
+    assert len(info["sizes"]) == len(fact_layers(model)) and set(info["sizes"].values()) == {2}  # LoRA ranks
+    # fact_to_lora on the live model: the same LoRA, whose own file serves the same (as any LoRA file)
+    with torch.no_grad():
         fact_to_lora(model)
         assert not fact_layers(model) and all(m.rank == 2 for m in model.modules() if isinstance(m, LoRALinear))
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-    lora_file = save_adapters(model, tmp_path / "as_lora.safetensors")
-    bank.add("fact", lora_file)
-    torch.testing.assert_close(bank.logits(x, "fact"), expected, atol=1e-5, rtol=1e-5)
+    lora_file = save_adapters(model, tmp_path / "as_lora.safetensors", metadata={"method": "fact-tt"})
+    bank.add("lora", lora_file)  # recorded as fact-tt but holding LoRA layers: served as they are
+    torch.testing.assert_close(bank.logits(x, "lora"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixed_batch_of_a_fact_task_and_an_adapter_task_equals_each_alone(tmp_path):
+    _, fact_file = fact_task(tmp_path / "fact.safetensors")
+    make_task("vit", "mimi", 4, tmp_path / "mimi.safetensors", seed=5)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    bank.add("f", fact_file)
+    bank.add("m", tmp_path / "mimi.safetensors")
+    x = torch.randn(6, 3, 32, 32)
+    order = ["f", "m", "m", "f", "f", "m"]
+    with torch.no_grad():
+        alone = {t: bank.logits(x, t) for t in ("f", "m")}
+        rows = bank.logits(x, order)
+        torch.testing.assert_close(alone["m"], reference("vit", tmp_path / "mimi.safetensors")(x), atol=1e-5, rtol=0)
+    for i, (t, row) in enumerate(zip(order, rows)):
+        torch.testing.assert_close(row, alone[t][i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.int8, 0.03), ("int4", 0.12)])
+def test_quantised_fact_files_serve_close_to_the_trained_model(dtype, tol, tmp_path):
+    model, path = fact_task(tmp_path / "q.safetensors", dtype=dtype)
+    assert json.loads(read_metadata(path)[META]) == {"s": 2}  # the compact header keeps the entry as it is
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    bank.add("q", path)
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = model(x), bank.logits(x, "q")
+    assert (got - want).abs().max() < tol * want.abs().max()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.8
+
+
+def test_a_fact_file_without_its_entry_is_refused_in_one_line(tmp_path):
+    _, path = fact_task(tmp_path / "old.safetensors", meta=False)
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    with pytest.raises(CheckpointError, match="without its 'fact' metadata entry.*export it again with this") as e:
+        bank.add("old", path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(path)) and not bank.tasks
+    model, _ = fact_task(tmp_path / "new.safetensors")
+    damaged = save_adapters(model, tmp_path / "bad.safetensors", metadata={"method": "fact-tt", META: '{"s":-1}'})
+    with pytest.raises(CheckpointError, match="'fact' metadata entry is damaged"):
+        bank.add("bad", damaged)
+
+
+def test_the_fact_entry_costs_a_few_header_bytes(tmp_path):
+    """The entry is '{"s":1}' on a ViT (one width): about 20 bytes of a compact int8 header, kept as written."""
+    _, model = prepared(rank=2, scale=1.0)
+    meta = get_method("fact-tt").task_metadata(model)
+    assert meta == {META: '{"s":1}'}
+    entry_bytes = len(json.dumps(meta, separators=(",", ":"))) - 2 + 1  # '"fact":"{\"s\":1}"' and a comma
+    assert entry_bytes < 100, entry_bytes
+    with torch.device("meta"):  # ViT-S/14 (12 blocks): the same one-width entry
+        big = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56)
+        add_fact(big, rank=4, scale=0.1)
+    assert len(get_method("fact-tt").task_metadata(big)[META]) < 100
+    plain = save_adapters(model, tmp_path / "plain.safetensors", dtype=torch.int8, metadata={"method": "fact-tt"})
+    tagged = save_adapters(
+        model, tmp_path / "tagged.safetensors", dtype=torch.int8, metadata={"method": "fact-tt", **meta}
+    )
+    grew = byte_breakdown(tagged)["header"] - byte_breakdown(plain)["header"]
+    assert 0 <= grew <= entry_bytes + 7, grew  # safetensors pads its header to 8 bytes
 
 
 def test_cli_train_then_eval_reloads_the_same_model(tmp_path, capsys):
     root = write_vtab_task(tmp_path / "data", sizes={"train800": 16, "val200": 8, "test": 8})
     out = tmp_path / "run"
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.safetensors"  # a weight file: `mimi predict` serves on the weights it records
+    save_file(timm.create_model("test_vit", img_size=32, num_classes=0).state_dict(), str(weights))
     args = "--model test_vit --img-size 32 --data vtab1k:toy --batch-size 8 --device cpu --seed 0 --no-progress"
+    args += f" --weights {weights}"
     extra = ["--method", "fact-tt", "--method-kwargs", '{"rank": 2}', "--epochs", "1", "--lr", "3e-3"]
     assert main(["train", *args.split(), *extra, "--data-root", str(root), "--out", str(out)]) == 0
     # test_vit: width 64, 6 blocks, MLP 3 D: 3 + 1 + 3 + 3 = 10 matrices per block
@@ -291,3 +374,23 @@ def test_cli_train_then_eval_reloads_the_same_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--split", "test", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(summary[-1]["test_acc"], abs=1e-9)
+    # the run's own file serves: it records the scale; a bank on the backbone it records gives the run's logits
+    fact_file = out / "adapters.safetensors"
+    assert read_metadata(fact_file)[META] == '{"s":1}'
+    images = sorted((root / "toy" / "images").glob("*.png"))
+    bank = mimi.AdapterBank.from_task_files({"f": fact_file}, device="cpu")
+    x = bank.preprocess(images[:6])
+    with torch.no_grad():
+        want = run.model.eval()(x)
+        torch.testing.assert_close(bank.logits(x, "f"), want, atol=1e-5, rtol=0)
+    i8 = tmp_path / "i8.safetensors"
+    assert main(["export", str(out), "--out", str(i8), "--dtype", "int8"]) == 0
+    assert main(["info", str(i8)]) == 0
+    assert "trained: fact-tt" in capsys.readouterr().out
+    pred = tmp_path / "p.jsonl"
+    tasks = ["--task", f"f={fact_file}", "--task", f"q={i8}"]
+    assert main(["predict", *tasks, "--images", *map(str, images[:6]), "--out", str(pred), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    top1 = {r["image"]: r["ids"][0] for r in rows if r["task"] == "f"}
+    assert [top1[str(f)] for f in images[:6]] == want.argmax(1).tolist()
+    assert {r["task"] for r in rows} == {"f", "q"} and len(rows) == 12

@@ -4,6 +4,8 @@ A task is what a bank adds to its shared backbone: adapters of their own sizes a
 named linear layers, and a classifier head. Anything else a file trains (backbone norms, biases, prompts, SSF
 scales) would change the shared backbone itself: such tensors are kept apart (``backbone_tensors``) and a bank
 accepts the file only if they equal its own backbone's (e.g. a linear probe saved without freezing the backbone).
+A method whose trained tensors are neither (FacT-TT's shared factors) is read as the equal LoRA layers, through its
+:meth:`~mimi.methods.Method.lora_task`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mimi.core.adapters import AdapterConfig
 from mimi.core.errors import CheckpointError, ConfigError
 from mimi.core.modules import architecture_of
 from mimi.core.taskfile import load_tensors, read_metadata, trainable_names
-from mimi.methods import method_traits, servable_methods
+from mimi.methods import get_method, method_traits, servable_methods
 
 
 @dataclass
@@ -38,14 +40,16 @@ class TaskFile:
         num_classes: size of the head.
         adapter_config: how its adapters were built (None: no adapters).
         sizes: hidden size of every adapter present (removed adapters are absent).
-        lora: per-layer ``{"rank", "alpha"}`` of its LoRA updates.
+        lora: per-layer ``{"rank", "alpha"}`` of its LoRA updates (a method's own tensors rewritten as LoRA
+            layers where the method defines :meth:`~mimi.methods.Method.lora_task`).
         adapter_tensors: ``<adapter name> -> {"down.weight": ..., "up.weight": ..., ...}``.
         lora_tensors: ``<layer name> -> {"lora_a.weight": ..., "lora_b.weight": ...}``.
         head: ``{"weight": (C, F), "bias": (C,)}``.
         backbone_tensors: other tensors listed as trained, by name (they must equal the serving backbone's).
         file_bytes: size on disk.
         stored_dtype: dtype of the stored tensors.
-        adapter_params: parameters of the adapters or LoRA updates (head excluded).
+        adapter_params: parameters of the adapters or LoRA updates (head excluded); for a file read as LoRA
+            layers (:meth:`mimi.methods.Method.lora_task`, e.g. FacT-TT), the parameters the file stores.
         head_params: parameters of the head.
         weights_source: where the backbone's weights came from when it was trained (``imgfocus``, ``hub``, a
             file path, ``random-init``...), if recorded.
@@ -152,9 +156,21 @@ def read_task_file(path: str | Path) -> TaskFile:
     lora: dict[str, dict] = _json(meta, "lora", {})
     if config is not None and config.train_norms:
         raise CheckpointError(f"{path}: the task trains the backbone's norms; a bank serves frozen-backbone tasks only")
-    adapter_t, lora_t, head, other = _split(path, tensors, trainable, _json(meta, "head", []), sizes, lora)
+    head_names = _json(meta, "head", [])
     method = meta.get("method") or _infer_method(config, lora)
     traits = method_traits(method)
+    stored_params = 0
+    stored_dtype = next((str(t.dtype).removeprefix("torch.") for t in tensors.values()), "float32")  # as stored
+    if traits is not None and traits.servable:  # a method whose tensors a bank serves as LoRA layers (FacT-TT)
+        try:
+            converted = get_method(method).lora_task(meta, {n: tensors[n] for n in trainable})
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        if converted is not None:
+            stored_params = sum(tensors[n].numel() for n in trainable if n not in head_names)
+            tensors, lora = converted
+            trainable = list(tensors)
+    adapter_t, lora_t, head, other = _split(path, tensors, trainable, head_names, sizes, lora)
     if traits is None or not traits.servable:
         why = "is not installed here" if traits is None else "cannot be served by a bank"
         raise CheckpointError(f"{path}: method {method!r} {why}; servable: {', '.join(servable_methods())}")
@@ -176,7 +192,8 @@ def read_task_file(path: str | Path) -> TaskFile:
         head=head,
         backbone_tensors=other,
         file_bytes=path.stat().st_size,
-        stored_dtype=meta.get("stored_dtype", str(next(iter(tensors.values())).dtype).removeprefix("torch.")),
+        adapter_params=stored_params,
+        stored_dtype=meta.get("stored_dtype", stored_dtype),
         weights_source=meta.get("weights_source") or None,
         license=meta.get("license") or None,
     )

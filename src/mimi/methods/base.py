@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import torch
 from torch import nn
 
 from mimi.core import plugins
@@ -159,6 +160,8 @@ class Method:
 
     Subclasses set ``description``, ``traits`` and ``Options`` and implement :meth:`prepare`; :func:`register`
     sets ``name``. ``after_backward`` is called after every backward pass (e.g. AdaLoRA's rank allocation).
+    :meth:`task_metadata` and :meth:`lora_task` let a bank serve a method whose trained tensors are no adapters or
+    LoRA layers (FacT-TT): its file records what the conversion needs, and is read as the equal LoRA layers.
     """
 
     name: ClassVar[str] = ""
@@ -222,6 +225,31 @@ class Method:
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific facts to record in the run summary (e.g. per-layer ranks)."""
         return {}
+
+    def task_metadata(self, model: nn.Module) -> dict[str, str]:
+        """Extra metadata entries a task file of this method needs to be served (beside its tensors), e.g. a scale
+        the trained tensors do not hold; ``{}`` for most methods. Keep them short: every byte is in the file."""
+        return {}
+
+    def lora_task(
+        self, meta: dict[str, str], tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]] | None:
+        """A task file of this method rewritten, at read time, as LoRA layers a bank serves; None (the default)
+        where its tensors are served as they are.
+
+        Args:
+            meta: the file's metadata (long keys, as :func:`mimi.core.taskfile.read_metadata` gives it).
+            tensors: its trained tensors, dequantised, by the names they were trained under.
+
+        Returns:
+            ``(tensors, layout)``: every trained tensor of the task in the new form (``<layer>.lora_a.weight``,
+            ``<layer>.lora_b.weight``; the head and any other tensor passed on unchanged) and the per-layer LoRA
+            layout ``{layer: {"rank", "alpha"}}`` (update ``alpha / rank * B A``); or None to leave the file as is.
+
+        Raises:
+            CheckpointError: the file lacks what the conversion needs (naming the fix).
+        """
+        return None
 
 
 def parameter_budget(

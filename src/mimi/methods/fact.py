@@ -34,16 +34,21 @@ plain ViT there is one width, hence exactly one pair as in the paper. The shared
 ``fact_tt.d<width>.u`` / ``.v``; each adapted layer holds its ``sigma`` and its frozen ``base``.
 
 Task files: the trained tensors are U, V, the Sigmas and the head, so ``mimi eval`` / ``mimi export`` (which rebuild
-the run and restore the file) reload them exactly. A bank does not serve them as they are (``servable=False``): it
-reads LoRA layers or adapters from a file. :func:`fact_to_lora` rewrites a FacT model as the equal per-layer LoRA
-(every update ``s U_blk Sigma V_blk^T`` is a rank-``r min(a, b)`` product ``B A``), whose ``save_adapters`` file a
-bank serves; :func:`merge_fact` folds the updates into the frozen weights.
+the run and restore the file) reload them exactly. The file also records the one thing the tensors do not hold, in
+the metadata entry ``fact`` (:data:`META`): ``{"s": scale}``, plus ``"w"`` where the backbone has several widths
+(the width of each layer, run-length coded over the sorted layer names: ``[[width, layers], ...]``); about 20 bytes
+of header on a ViT. A bank serves the file as it is (``servable=True``): :func:`fact_lora_task` rewrites it, when read,
+as the equal per-layer LoRA (every update ``s U_blk Sigma V_blk^T`` is a rank-``r min(a, b)`` product ``B A``, see
+:func:`lora_pair`), so the file stays FacT's small one and the bank runs its usual LoRA side paths.
+:func:`fact_to_lora` does the same to a live model; :func:`merge_fact` folds the updates into the frozen weights.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,7 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mimi.core.adapters import find_blocks, freeze_backbone
-from mimi.core.errors import ConfigError, ModelError
+from mimi.core.errors import CheckpointError, ConfigError, ModelError
 from mimi.core.lora import DEFAULT_TARGETS, LoRALinear, apply_lora_layout
 from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register
 from mimi.methods.lora import check_rank, check_rank_or_budget
@@ -61,6 +66,7 @@ TARGETS: tuple[str, ...] = DEFAULT_TARGETS  # attn.qkv, attn.proj, mlp.fc1, mlp.
 DEFAULT_RANK = 8
 FACTORS = "fact_tt"  # the model attribute holding the shared factors (one FacTFactors per width)
 INITS = ("code", "sigma-zero")
+META = "fact"  # the task-file metadata entry a bank needs: {"s": scale[, "w": [[width, layers], ...]]}
 
 
 class FacTFactors(nn.Module):
@@ -143,15 +149,9 @@ class FacTLinear(nn.Module):
         return self.scale * u_blk @ self.sigma @ v_blk.t()
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``B @ A == delta_weight()``, of rank ``r min(a, b)``.
-
-        ``a <= b`` (qkv, proj, fc1): ``A = V^T``, ``B = s [U Sigma_1; ...; U Sigma_b]``; else (fc2):
-        ``A = [Sigma_1 V^T | ... | Sigma_a V^T]``, ``B = s U``.
-        """
-        u_blk, v_blk = self._blocks()
-        if self.n_in <= self.n_out:
-            return v_blk.t(), self.scale * u_blk @ self.sigma
-        return self.sigma @ v_blk.t(), self.scale * u_blk
+        """``(A, B)`` with ``B @ A == delta_weight()``, of rank ``r min(a, b)`` (see :func:`lora_pair`)."""
+        f = self.factors
+        return lora_pair(f.u, f.v, self.sigma, self.scale)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -159,6 +159,21 @@ class FacTLinear(nn.Module):
         out = copy.deepcopy(self.base)
         out.weight += self.delta_weight().to(out.weight.dtype)
         return out
+
+
+def lora_pair(u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``B @ A`` the update ``s U_blk sigma V_blk^T`` of a layer of ``a`` input and ``b`` output
+    blocks (``sigma``: ``(b r, a r)``; ``u``, ``v``: ``(d, r)``), of rank ``r min(a, b)``.
+
+    ``a <= b`` (qkv, proj, fc1): ``A = V^T``, ``B = s [U Sigma_1; ...; U Sigma_b]``; else (fc2):
+    ``A = [Sigma_1 V^T | ... | Sigma_a V^T]``, ``B = s U``.
+    """
+    r = u.shape[1]
+    n_out, n_in = sigma.shape[0] // r, sigma.shape[1] // r
+    u_blk, v_blk = torch.block_diag(*[u] * n_out), torch.block_diag(*[v] * n_in)
+    if n_in <= n_out:
+        return v_blk.t(), scale * u_blk @ sigma
+    return sigma @ v_blk.t(), scale * u_blk
 
 
 def fact_targets(model: nn.Module) -> list[tuple[str, nn.Linear, int]]:
@@ -327,6 +342,89 @@ def fact_to_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def fact_metadata(model: nn.Module) -> dict[str, str]:
+    """The metadata entry :data:`META` a task file of ``model`` needs to be served (see the module doc); ``{}`` for a
+    model without FacT layers."""
+    layers = sorted(fact_layers(model), key=lambda nm: nm[0])
+    if not layers:
+        return {}
+    scale = layers[0][1].scale
+    entry: dict[str, Any] = {"s": int(scale) if scale.is_integer() else scale}
+    if len({m.factors.dim for _, m in layers}) > 1:  # several widths: which pair of factors each layer uses
+        runs: list[list[int]] = []
+        for _, m in layers:
+            if runs and runs[-1][0] == m.factors.dim:
+                runs[-1][1] += 1
+            else:
+                runs.append([m.factors.dim, 1])
+        entry["w"] = runs
+    return {META: json.dumps(entry, separators=(",", ":"))}
+
+
+_FACTOR = re.compile(rf"{FACTORS}\.d(\d+)\.([uv])")
+
+
+def _entry(meta: dict[str, str], layers: list[str]) -> tuple[float, list[int] | None]:
+    """``(scale, width of each layer or None)`` from the file's :data:`META` entry; CheckpointError if it is bad."""
+    fix = "export it again with this version of mimi (`mimi export RUN --out FILE`)"
+    if META not in meta:
+        raise CheckpointError(f"a FacT-TT task file without its {META!r} metadata entry (the scale s); {fix}")
+    try:
+        entry = json.loads(meta[META])
+        scale, runs = entry["s"], entry.get("w")
+        ok = isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+        widths = None if runs is None else [int(d) for d, n in runs for _ in range(int(n))]
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
+        ok, widths = False, None
+    if not ok or (widths is not None and len(widths) != len(layers)):
+        raise CheckpointError(f"a FacT-TT task file whose {META!r} metadata entry is damaged ({meta[META]!r}); {fix}")
+    return float(scale), widths
+
+
+def fact_lora_task(
+    meta: dict[str, str], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]] | None:
+    """A FacT-TT task's trained tensors as the equal LoRA layers (alpha = rank, ``s`` folded into B) and their
+    layout; every other tensor (the head) passed on. None where the tensors hold no FacT factors (e.g. a file saved
+    after :func:`fact_to_lora`). See :meth:`mimi.methods.Method.lora_task`.
+
+    Raises:
+        CheckpointError: no :data:`META` entry (a file from before it), or factors and Sigmas that do not fit.
+    """
+    factors = {n: _FACTOR.fullmatch(n) for n in tensors if n.startswith(FACTORS + ".")}
+    layers = sorted(n.removesuffix(".sigma") for n in tensors if n.endswith(".sigma"))
+    if not factors and not layers:
+        return None
+    scale, widths = _entry(meta, layers)
+    pairs: dict[int, dict[str, torch.Tensor]] = {}
+    for name, m in factors.items():
+        if m is None:
+            raise CheckpointError(f"a FacT-TT task file with an unknown factor {name!r}; export it again")
+        pairs.setdefault(int(m[1]), {})[m[2]] = tensors[name].float()
+    r = next((t.shape[-1] for p in pairs.values() for t in p.values()), 0)
+    fits = all(set(p) == {"u", "v"} and all(t.shape == (d, r) for t in p.values()) for d, p in pairs.items())
+    if not (fits and pairs and layers and (widths is not None or len(pairs) == 1)):
+        shapes = {n: tuple(tensors[n].shape) for n in factors}
+        raise CheckpointError(
+            f"a FacT-TT task file whose factors and Sigmas do not fit together ({shapes}, {len(layers)} Sigmas); "
+            "export it again"
+        )
+    out = {n: t for n, t in tensors.items() if n not in factors and not n.endswith(".sigma")}
+    layout: dict[str, dict] = {}
+    for i, layer in enumerate(layers):
+        d = widths[i] if widths is not None else next(iter(pairs))
+        sigma = tensors[f"{layer}.sigma"].float()
+        if d not in pairs or sigma.ndim != 2 or sigma.shape[0] % r or sigma.shape[1] % r:
+            raise CheckpointError(
+                f"a FacT-TT task file whose {layer}.sigma {tuple(sigma.shape)} does not fit rank {r} and width {d}; "
+                "export it again"
+            )
+        a, b = lora_pair(pairs[d]["u"], pairs[d]["v"], sigma, scale)
+        out[f"{layer}.lora_a.weight"], out[f"{layer}.lora_b.weight"] = a.contiguous(), b.contiguous()
+        layout[layer] = {"rank": a.shape[0], "alpha": float(a.shape[0])}
+    return out, layout
+
+
 @dataclass
 class FacTOptions(MethodOptions):
     """Options of ``fact-tt``: the rank is ``rank``, else the one nearest to a budget, else 8."""
@@ -367,7 +465,7 @@ class FacTTT(Method):
         "FacT-TT: dW = s U Sigma_i V^T on the d x d blocks of qkv/proj/fc1/fc2, U and V shared by all blocks; "
         "rank from method_kwargs or nearest to the budget"
     )
-    traits = Traits(size_unit="rank", budget_sets="rank")
+    traits = Traits(servable=True, size_unit="rank", budget_sets="rank")  # served as LoRA (fact_lora_task)
     Options = FacTOptions
 
     def prepare(self, model: nn.Module, options: FacTOptions, ctx: PrepareContext) -> nn.Module:
@@ -375,6 +473,14 @@ class FacTTT(Method):
         return add_fact(
             model, rank=rank, scale=options.scale, dropout=options.dropout, init=options.init, seed=ctx.seed
         )
+
+    def task_metadata(self, model: nn.Module) -> dict[str, str]:
+        return fact_metadata(model)
+
+    def lora_task(
+        self, meta: dict[str, str], tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]] | None:
+        return fact_lora_task(meta, tensors)
 
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         layers = fact_layers(model)

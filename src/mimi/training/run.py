@@ -66,6 +66,7 @@ def task_metadata(run: Run) -> dict[str, str]:
         meta["distill"] = json.dumps(distill.to_dict())
     if run.task.license:
         meta["license"] = run.task.license
+    meta.update(run.method.task_metadata(run.model))  # what the method needs to serve its file (FacT: its scale)
     return meta
 
 
