@@ -174,3 +174,9 @@ def test_bench_records_each_budget_of_one_run_and_the_report_counts_it_once(tmp_
     assert set(by_param_budget(points)[1000]) == {"mimi-kb", "small"}
     report = (tmp_path / "res" / "report" / "report.md").read_text()
     assert "## At parameter budgets, paired by seed" in report and "3 runs ok (2 trained" in report
+    assert (tmp_path / "res" / "report" / "pareto_mean_bytes.png").is_file()  # bytes as the other axis
+    from mimi.reporting.bench_report import _task_points
+
+    by_bytes = dict(_task_points(points, "vtab1k:toy", x="bytes"))["mimi-kb"]
+    kept_bytes = sorted(k["checkpoint_bytes"] for k in rec["budgets"])
+    assert sorted(x for x, _, _ in by_bytes) == kept_bytes and kept_bytes[0] < kept_bytes[1]

@@ -386,7 +386,13 @@ def test_cli_train_then_eval_reloads_the_same_model(tmp_path, capsys):
     i8 = tmp_path / "i8.safetensors"
     assert main(["export", str(out), "--out", str(i8), "--dtype", "int8"]) == 0
     assert main(["info", str(i8)]) == 0
-    assert "trained: fact-tt" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained: fact-tt" in printed
+    # the factors are listed by module (shared U, V; each layer's Sigmas), their parameters adding up
+    rows = [ln.split() for ln in printed.splitlines() if ln.startswith(("fact_tt.", "blocks."))]
+    assert any(r[0].startswith("fact_tt.") for r in rows) and any(r[0].endswith("attn.qkv") for r in rows)
+    n_fact = sum(t.numel() for n, t in saved.items() if "head" not in n)
+    assert sum(int(r[2].replace(",", "")) for r in rows) == n_fact
     pred = tmp_path / "p.jsonl"
     tasks = ["--task", f"f={fact_file}", "--task", f"q={i8}"]
     assert main(["predict", *tasks, "--images", *map(str, images[:6]), "--out", str(pred), "--no-progress"]) == 0

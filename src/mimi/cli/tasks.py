@@ -74,6 +74,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, h in sizes.items():
         n, b = _stored(tensors, per, [k for k in trained if k.startswith(name + ".")])
         print(f"{name:<40} {h:>6} {n:>9,} {b:>9,}")
+    # what a method trains besides adapters, LoRA layers and the head (FacT's factors, VPT's prompts...), by module
+    others: dict[str, list[str]] = {}
+    for k in trained:
+        if k not in head and not any(k.startswith(name + ".") for name in sizes):
+            others.setdefault(k.rpartition(".")[0], []).append(k)
+    for module, names in others.items():
+        n, b = _stored(tensors, per, names)
+        print(f"{module:<40} {'-':>6} {n:>9,} {b:>9,}")
     head_n, _ = _stored(tensors, per, [k for k in trained if k in head])
     total, total_b = _stored(tensors, per, trained)
     parts = byte_breakdown(path)

@@ -137,7 +137,9 @@ def aggregate(recs: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
         for t, rs in tasks.items():
             accs = [100 * r["test_acc"] for r in rs]
             params = [r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs]
+            stored = [r["checkpoint_bytes"] for r in rs if r.get("checkpoint_bytes")]
             out[v][t] = {
+                "bytes": statistics.mean(stored) if len(stored) == len(rs) else None,
                 "acc": statistics.mean(accs),
                 "se": mean_se(accs).se,
                 "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
@@ -543,8 +545,16 @@ def _html(rows: list[list[str]]) -> str:
 Point = tuple[float, float, float | None]  # params, accuracy (%), its standard error over seeds (None: one seed)
 
 
-def _task_points(ok: list[dict], task: str) -> dict[str, list[Point]]:
-    """Plot line -> one point per variant on ``task``: mean params and mean ± SE of accuracy over seeds."""
+def _size(r: dict, x: str) -> float | None:
+    """A run's x coordinate: trainable parameters without head, or the bytes of its task file as trained."""
+    if x == "bytes":
+        return r.get("checkpoint_bytes") or None
+    return r["params"]["trainable_without_head"] or r["params"]["trainable"]
+
+
+def _task_points(ok: list[dict], task: str, x: str = "params") -> dict[str, list[Point]]:
+    """Plot line -> one point per variant on ``task``: mean params (or task-file bytes, ``x="bytes"``) and mean ±
+    SE of accuracy over seeds."""
     runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in ok:
         if r["task"] == task:
@@ -552,12 +562,13 @@ def _task_points(ok: list[dict], task: str) -> dict[str, list[Point]]:
     by_label: dict[str, list[Point]] = defaultdict(list)
     for (label, _), rs in runs.items():
         acc = mean_se([100 * r["test_acc"] for r in rs])
-        params = statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
-        by_label[label].append((params, acc.mean, acc.se))
+        sizes = [_size(r, x) for r in rs]
+        if None not in sizes:
+            by_label[label].append((statistics.mean(sizes), acc.mean, acc.se))
     return by_label
 
 
-def _mean_points(ok: list[dict]) -> dict[str, list[Point]]:
+def _mean_points(ok: list[dict], x: str = "params") -> dict[str, list[Point]]:
     """Plot line -> one point per variant that ran on every task: means over tasks. The error bar is the
     standard error of that mean, sqrt(sum of squared per-task SEs) / tasks (seeds independent across tasks),
     only where every task has two seeds or more: a single seed says nothing about its own spread."""
@@ -569,17 +580,19 @@ def _mean_points(ok: list[dict]) -> dict[str, list[Point]]:
             label = next(line_key(r) for r in ok if variant(r) == v)
             ses = [c["se"] for c in cells.values()]
             se = None if None in ses else sum(e * e for e in ses) ** 0.5 / n_tasks
-            params = statistics.mean(c["params"] for c in cells.values())
-            by_label[label].append((params, statistics.mean(c["acc"] for c in cells.values()), se))
+            sizes = [c[x] for c in cells.values()]
+            if None not in sizes:
+                by_label[label].append((statistics.mean(sizes), statistics.mean(c["acc"] for c in cells.values()), se))
     return by_label
 
 
-def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
-    """Accuracy vs trainable parameters (log x): one line per method label, ± SE bars where a point has two
-    seeds or more; the cycles of pruned runs dotted."""
+def plot_pareto(recs: list[dict], task: str | None, path: Path, x: str = "params") -> Path:
+    """Accuracy vs trainable parameters (log x), or vs the bytes of each task file as trained (``x="bytes"``,
+    float32): one line per method label, ± SE bars where a point has two seeds or more; the cycles of pruned runs
+    dotted (parameters only)."""
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     ok = [r for r in recs if r["status"] == "ok"]
-    by_label = _task_points(ok, task) if task is not None else _mean_points(ok)
+    by_label = _task_points(ok, task, x) if task is not None else _mean_points(ok, x)
     colors: dict[str, Any] = {}
     for i, (label, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
@@ -593,7 +606,7 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
         if bars:
             bx, by, be = zip(*bars)
             ax.errorbar(bx, by, yerr=be, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3, zorder=5)
-    if task is not None:  # the cycles of pruned runs (seed 0), dotted in their method's colour
+    if task is not None and x == "params":  # the cycles of pruned runs (seed 0), dotted in their method's colour
         for r in ok:
             if r["task"] == task and len(r.get("cycles", [])) > 1 and r.get("seed", 0) == 0:
                 head = r["params"]["head"] or 0
@@ -602,7 +615,11 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path) -> Path:
                 color = colors.get(line_key(r), "grey")
                 ax.plot(xs, [100 * c["test_acc"] for c in cs], ":", color=color, alpha=0.5, linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters without head (log)")
+    ax.set_xlabel(
+        "trainable parameters without head (log)"
+        if x == "params"
+        else "bytes of the task file, float32 as trained (log)"
+    )
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(_short(task) if task else "mean over tasks")
     ax.grid(True, which="both", alpha=0.3)
@@ -699,6 +716,8 @@ def write_report(
     groups = _groups(recs)
     agg = aggregate(ok)
     plots = [plot_pareto(ok, None, out / "pareto_mean.png")] if ok else []
+    if any("run_id" in r for r in ok):  # runs of several budgets (kilobyte tasks): bytes are the other axis
+        plots.append(plot_pareto(ok, None, out / "pareto_mean_bytes.png", x="bytes"))
     for ts in groups.values():
         for t in ts:
             plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
