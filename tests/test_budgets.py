@@ -91,6 +91,11 @@ def test_each_budget_is_kept_as_a_task_with_its_accuracy(runs):
     assert all(e["test_acc"] is None for e in summary if "budget" not in e)
     assert _same_tensors(out / "budgets" / "500.safetensors", out / "adapters.safetensors")
     assert json.loads((out / "run.json").read_text())["budgets"] == list(BUDGETS)
+    report = (out / "report.md").read_text()
+    for b, e in kept.items():  # the run report lists each kept task with its accuracies
+        assert f"| {b:,} | {e['adapter_params']:,} | {e['cycle']} |" in report
+        assert f"{100 * e['test_acc']:.2f} | `budgets/{b}.safetensors` |" in report
+    assert "Tasks kept at each budget" not in (base / "first" / "report.md").read_text()
     assert "budgets" not in json.loads((base / "first" / "run.json").read_text())
 
 

@@ -23,7 +23,7 @@ def _train_setup(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from mimi import trainer
     from mimi.config import TrainConfig
-    from mimi.reporting.run_report import cycle_table
+    from mimi.reporting.run_report import budget_table, cycle_table
 
     if args.resume is not None:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -41,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(cfg.out)
     layout = json.loads((Path(run_dir) / "run.json").read_text()).get("layout", [])
     print(cycle_table(summary, layout))
+    kept = budget_table(summary)
+    if kept is not None:
+        print(f"tasks kept at each budget (mimi export {run_dir} --budget N):\n{kept}")
     print(f"run folder: {run_dir}  (report: {Path(run_dir) / 'report.md'})")
     return 0
 

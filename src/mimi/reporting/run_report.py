@@ -44,6 +44,24 @@ def cycle_table(summary: list[dict], layout: list[dict] | None = None) -> str:
     return "\n".join(rows)
 
 
+def budget_table(summary: list[dict]) -> str | None:
+    """Markdown table of the tasks a run of several budgets kept (``budgets/B.safetensors``); None for other runs."""
+    kept = [e for e in summary if "budget" in e]
+    if not kept:
+        return None
+    rows = [
+        "| budget | adapter params | cycle | epochs so far | val acc | test acc | task file |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for e in kept:
+        epochs = sum(c["epochs"] for c in summary if c["cycle"] <= e["cycle"])
+        rows.append(
+            f"| {e['budget']:,} | {e['adapter_params']:,} | {e['cycle']} | {epochs} | {100 * e['val_acc']:.2f} | "
+            f"{_pct(e['test_acc'])} | `budgets/{e['budget']}.safetensors` |"
+        )
+    return "\n".join(rows)
+
+
 def _pct(acc: float | None) -> str:
     """An accuracy in percent, or '—' for a split not evaluated (``--test-every last``)."""
     return "—" if acc is None else f"{100 * acc:.2f}"
@@ -163,8 +181,11 @@ def write_run_report(out: Path, summary: list[dict], info: dict[str, Any]) -> Pa
         "",
         cycle_table(summary, layout),
         "",
-        "![accuracy vs parameters](plots/accuracy_vs_params.png)",
     ]
+    kept = budget_table(summary)
+    if kept is not None:
+        lines += ["Tasks kept at each budget (`mimi export RUN --budget N`):", "", kept, ""]
+    lines += ["![accuracy vs parameters](plots/accuracy_vs_params.png)"]
     if layout:
         lines += ["", "![hidden sizes](plots/sizes_heatmap.png)"]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
