@@ -185,3 +185,21 @@ def test_bench_records_each_budget_of_one_run_and_the_report_counts_it_once(tmp_
     by_bytes = dict(_task_points(points, "vtab1k:toy", x="bytes"))["mimi-kb"]
     kept_bytes = sorted(k["checkpoint_bytes"] for k in rec["budgets"])
     assert sorted(x for x, _, _ in by_bytes) == kept_bytes and kept_bytes[0] < kept_bytes[1]
+
+
+def test_param_budget_table_pairs_every_label_with_the_mimi_label_of_most_runs():
+    from mimi.reporting.bench_report import param_budget_table
+
+    def rec(label, task, seed, acc, method="mimi"):
+        cfg = {"method": method, "budget_params": 8000}
+        params = {"trainable_without_head": 7000, "trainable": 7500}
+        out = {"id": f"{task}{label}{seed}", "label": label, "task": task, "seed": seed, "test_acc": acc}
+        return out | {"config": cfg, "params": params, "status": "ok"}
+
+    tasks = [f"t{i}" for i in range(6)]
+    ok = [rec("mimi-kb", t, s, 0.80) for t in tasks for s in (0, 1)]
+    ok += [rec("mimi-alone", t, 0, 0.81) for t in tasks] + [rec("fact", t, 0, 0.70, "fact-tt") for t in tasks]
+    rows = {r[1]: r for r in param_budget_table(ok)[1:]}
+    assert rows["mimi-kb"][4] == "(reference)"  # 12 runs against 6: the multi-budget runs are the reference
+    assert rows["mimi-alone"][3:5] == ["6 (1)", "+1.00"] and rows["fact"][3:5] == ["6 (1)", "-10.00"]
+    assert rows["fact"][-1] == "mimi-kb ahead" and rows["mimi-alone"][-1] == "mimi-alone ahead"

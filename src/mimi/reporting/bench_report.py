@@ -419,23 +419,28 @@ def by_param_budget(ok: list[dict]) -> dict[int, dict[str, list[dict]]]:
 
 def param_budget_table(ok: list[dict], seed: int = 0) -> list[list[str]]:
     """Each method minus MiMi at the same parameter budget (see :func:`by_param_budget`), paired by (task, seed)
-    as in :func:`paired_table`, with each side's mean trained parameters (no head)."""
+    as in :func:`paired_table`, with each side's mean trained parameters (no head). The reference is the MiMi label
+    with the most runs at that budget; another MiMi label there (runs to that budget alone, say) is compared with it
+    like any method."""
     header = ["budget (params)", "method", "params (no head)", "pairs (seeds)", "method − mimi"]
     rows = [header + ["95% bootstrap interval", "tasks resampled", "tasks above/below", "verdict"]]
     for b, named in sorted(by_param_budget(ok).items(), reverse=True):
-        ref = _by_pair([r for rs in named.values() if _is_mimi(rs[0]) for r in rs])
-        for name, rs in sorted(named.items(), key=lambda kv: (not _is_mimi(kv[1][0]), kv[0])):
+        mimis = [n for n, rs in named.items() if _is_mimi(rs[0])]
+        ref_name = max(mimis, key=lambda n: (len(named[n]), n)) if mimis else None
+        ref = _by_pair(named[ref_name]) if ref_name else {}
+        for name, rs in sorted(named.items(), key=lambda kv: (kv[0] != ref_name, kv[0])):
             params = statistics.mean(r["params"]["trainable_without_head"] or r["params"]["trainable"] for r in rs)
-            if _is_mimi(rs[0]):
-                rows.append([f"{b:,}", name, f"{params:,.0f}", f"{len(rs)} runs", "(reference)", "", "", "", ""])
+            head = [f"{b:,}", name, f"{params:,.0f}"]
+            if name == ref_name:
+                rows.append(head + [f"{len(rs)} runs", "(reference)", "", "", "", ""])
                 continue
-            c = compare_pairs(b, name, _by_pair(rs), ref, seed)
+            c = compare_pairs(b, name, _by_pair(rs), ref, seed, ref_name or "mimi")
             if c is None:
-                rows.append([f"{b:,}", name, f"{params:,.0f}", f"{len(rs)} runs", "no MiMi pair", "", "", "", ""])
+                rows.append(head + [f"{len(rs)} runs", "no MiMi pair", "", "", "", ""])
                 continue
             d = c.diff
-            row = [f"{b:,}", name, f"{params:,.0f}", f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", _interval(c)]
-            rows.append(row + [_across(c), f"{c.above}/{c.below}", c.verdict])
+            rows.append(head + [f"{d.n} ({c.n_seeds})", f"{d.mean:+.2f}", _interval(c), _across(c)])
+            rows[-1] += [f"{c.above}/{c.below}", c.verdict]
     return rows
 
 
