@@ -14,18 +14,11 @@ from test_bank import bare, make_task
 import mimi
 from mimi.cli import main
 from mimi.core.adapters import AdapterConfig, adapters, add_adapters
+from mimi.core.compact_meta import FORMAT_COMPACT, fold_names, unfold_names
 from mimi.core.modules import architecture_of
 from mimi.core.quant import PACKED_CODES, split_scales
 from mimi.core.shrink import apply_plan
-from mimi.core.taskfile import (
-    FORMAT_COMPACT,
-    byte_breakdown,
-    fold_names,
-    load_tensors,
-    read_metadata,
-    tensor_bytes,
-    unfold_names,
-)
+from mimi.core.taskfile import byte_breakdown, load_tensors, read_metadata, tensor_bytes
 
 KINDS = ["mimi", "lora", "mimi-lora", "adaptformer", "linear"]
 DTYPES = {"fp32": None, "fp16": torch.float16, "int8": torch.int8, "int4": "int4"}

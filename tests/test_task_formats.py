@@ -16,6 +16,7 @@ from vtab_fixture import write_vtab_task
 
 import mimi
 from mimi.cli import main
+from mimi.core.compact_meta import FORMAT_COMPACT
 from mimi.core.errors import CheckpointError
 from mimi.core.quant import (
     CODES,
@@ -29,7 +30,7 @@ from mimi.core.quant import (
     quantize,
     split_scales,
 )
-from mimi.core.taskfile import FORMAT_COMPACT, byte_breakdown, load_tensors, read_metadata, trainable_names
+from mimi.core.taskfile import byte_breakdown, load_tensors, read_metadata, trainable_names
 from mimi.deploy.peft_folder import read_peft_folder
 from mimi.deploy.taskdir import TaskDir
 from mimi.trainer import load_run
