@@ -149,6 +149,14 @@ def subset_task(src: Path, dst: Path, n: int) -> None:
         shutil.copyfile(src / "classes.txt", dst / "classes.txt")
 
 
+def task_root(args: argparse.Namespace, tmp: Path) -> Path:
+    """The data root the runs read: MiniVTAB's, or a copy of the task cut to ``--subset`` images under ``tmp``."""
+    if not args.subset:
+        return args.data_root
+    subset_task(args.data_root / args.task, tmp / "data" / args.task, args.subset)
+    return tmp / "data"
+
+
 def one_run(cfg: TrainConfig) -> dict:
     with phase_timers() as calls:
         t = time.perf_counter()
@@ -228,11 +236,7 @@ def main() -> None:
     names = ["mimi", "mimi-distill"] if args.distill else ["mimi", "mimi-test-last", "adapter"]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data_root
-        if args.subset:
-            root = Path(tmp) / "data"
-            subset_task(args.data_root / args.task, root / args.task, args.subset)
-        common = common_settings(args, root)
+        common = common_settings(args, task_root(args, Path(tmp)))
         mimi_cfg = dict(method="mimi", adapter_dim=args.adapter_dim, budget_dim=args.budget_dim, rho=0.5)
         mimi_cfg["first_epochs"] = args.first_epochs
         equal_epochs = None
@@ -405,11 +409,7 @@ def budgets_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     runs: dict = {"multi": None, "single": {}}
     compared: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data_root
-        if args.subset:
-            root = Path(tmp) / "data"
-            subset_task(args.data_root / args.task, root / args.task, args.subset)
-        common = common_settings(args, root)
+        common = common_settings(args, task_root(args, Path(tmp)))
         plan = planned_epochs(TrainConfig(**common, **mimi_kw, budget_params=budgets), budgets, args)
         print_plan(plan, budgets, args)
         out = Path(tmp) / "multi"
