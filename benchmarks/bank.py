@@ -7,6 +7,18 @@ measured in a fresh process per configuration.
 
     python benchmarks/bank.py            # the full table (about 10 minutes on 2 cores)
     python benchmarks/bank.py --quick    # a smoke run, under a minute
+
+``--backbone-dtypes float32 int8`` measures, instead of the table above, a float32 bank against one whose frozen
+backbone is int8 (``AdapterBank(..., backbone_dtype="int8")``: int8 weights and dynamic int8 activations, default engine; task
+adapters float32), both holding the same 64 task files: images/s at batch 1, 8 and 64, with one task and with 64
+mixed tasks (each image of a batch a different task, cycling over the 64 across calls), 256 images per measurement;
+every (dtype, batch, mix) is timed once per round, in a rotated order (reversed every other round), 5 rounds. Reported:
+the median images/s; the int8 / float32 ratio of each round, its median and minimum over the rounds (the goal at
+batch 64: >= 1.7x in every round); the RSS of a fresh process holding each bank; the int8 bank's max |logit diff| and
+top-1 agreement against the float32 one. Written to benchmarks/results/perf/bank_int8[_quick].json.
+
+    python benchmarks/bank.py --backbone-dtypes float32 int8            # about 5 minutes on 2 cores
+    python benchmarks/bank.py --backbone-dtypes float32 int8 --quick    # a smoke run: 3 rounds, fewer images
 """
 
 from __future__ import annotations
@@ -15,7 +27,10 @@ import argparse
 import copy
 import gc
 import json
+import math
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +50,11 @@ RESULTS = Path(__file__).parent / "results"
 SIZES_FROM = sorted((RESULTS / "minivtab").glob("*__mimi__budgetdim3__s0.json"))
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process in MB (``VmHWM``: its peak so far)."""
     gc.collect()
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -85,11 +101,13 @@ def write_tasks(args, folder: Path, n: int) -> list[Path]:
 
 def memory_child(args, mode: str, n: int, folder: Path) -> dict:
     base = rss_mb()  # torch, timm and mimi imported, nothing built
+    extra = {}
     bare = backbone(args)
     after_backbone = rss_mb()
     files = [folder / f"task{i}.safetensors" for i in range(n)]
-    if mode == "bank":
-        bank = mimi.AdapterBank(bare, device="cpu")
+    if mode in ("bank", "bank_int8"):
+        bank = mimi.AdapterBank(bare, device="cpu", backbone_dtype="int8" if mode == "bank_int8" else "float32")
+        del bare  # the bank holds the (quantised) backbone
         for i, f in enumerate(files):
             bank.add(f"t{i}", f)
         held = bank
@@ -100,12 +118,21 @@ def memory_child(args, mode: str, n: int, folder: Path) -> dict:
         held = bare
     end = rss_mb()
     del held
-    return {"mode": mode, "n": n, "rss_imports_mb": base, "rss_backbone_mb": after_backbone, "rss_mb": end}
+    row = {"mode": mode, "n": n, "rss_imports_mb": base, "rss_backbone_mb": after_backbone, "rss_mb": end}
+    row = {**row, **extra, "rss_peak_mb": rss_mb("VmHWM")}
+    try:  # freed memory the allocator kept (e.g. float weights replaced by int8 ones) handed back to the system
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        row["rss_trimmed_mb"] = rss_mb()
+    except (OSError, AttributeError):
+        pass
+    return row
 
 
-def memory(args, folder: Path, ns: list[int]) -> list[dict]:
+def memory(args, folder: Path, ns: list[int], configs: list[tuple[str, int]] | None = None) -> list[dict]:
     rows = []
-    configs = [("bare", 0)] + [(m, n) for n in ns for m in ("bank", "separate")]
+    configs = configs or [("bare", 0)] + [(m, n) for n in ns for m in ("bank", "separate")]
     for mode, n in configs:
         cmd = [sys.executable, __file__, "--child", mode, str(n), str(folder), "--model", args.model]
         cmd += ["--weights", args.weights, "--img-size", str(args.img_size)]
@@ -185,6 +212,155 @@ def onnx_latency(args, path: Path, folder: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- float32 against int8 backbone (--backbone-dtypes)
+
+DTYPE_BATCHES = (1, 8, 64)
+DTYPE_MIXES = ("one", "mixed")  # one task for the whole batch; every image a different task, cycling over the bank
+DTYPE_TARGET = 1.7  # int8 / float32 images/s at batch 64, in every round
+DTYPE_ARGS = ("backbone_dtypes", "batches", "dtype_tasks", "rounds", "images")  # not in the table's record
+
+
+def busy_seconds() -> float:
+    """CPU seconds every core of this machine has been busy so far (all processes; /proc/stat)."""
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def dtype_speed(args, paths: list[Path]) -> dict:
+    """Images/s of one bank per backbone dtype (same tasks), every (dtype, batch, mix) timed once per round."""
+    n = len(paths)
+    tasks = [f"t{i}" for i in range(n)]
+    banks, build_s = {}, {}
+    for d in args.backbone_dtypes:
+        t = time.perf_counter()
+        banks[d] = mimi.AdapterBank(backbone(args), device="cpu", backbone_dtype=d)
+        build_s[d] = time.perf_counter() - t  # creating the backbone, and quantising it for int8
+        for name, path in zip(tasks, paths):
+            banks[d].add(name, path)
+        print(f"{d}: {banks[d].quantized.describe()}; built in {build_s[d]:.1f} s, {len(banks[d])} tasks")
+    g = torch.Generator().manual_seed(0)
+    xs = {b: torch.randn(b, 3, args.img_size, args.img_size, generator=g) for b in args.batches}
+    # the task argument of each call: one name, or one name per image (a single name at batch 1), cycling over
+    # the bank from call to call so that every task runs
+    calls = {b: max(1, math.ceil(args.images / b)) for b in args.batches}
+    arg = {}
+    for b in args.batches:
+        arg[(b, "one")] = ["t0"] * calls[b]
+        cycled = [[tasks[(k * b + i) % n] for i in range(b)] for k in range(calls[b])]
+        arg[(b, "mixed")] = [c[0] if b == 1 else c for c in cycled]
+
+    def measure(d: str, b: int, m: str) -> float:
+        bank, x = banks[d], xs[b]
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for names in arg[(b, m)]:
+                bank.logits(x, names)
+        return calls[b] * b / (time.perf_counter() - t)
+
+    # agreement on one mixed batch: int8 logits against float32 ones
+    agree = {}
+    if {"float32", "int8"} <= set(banks):
+        b = max(args.batches)
+        names = [tasks[i % n] for i in range(b)]
+        with torch.inference_mode():
+            ref, q = banks["float32"].logits(xs[b], names), banks["int8"].logits(xs[b], names)
+        agree = {
+            "batch": b,
+            "max_abs_diff": max(float((r - v).abs().max()) for r, v in zip(ref, q)),
+            "max_abs_logit": max(float(r.abs().max()) for r in ref),
+            "top1_agree": sum(int(r.argmax() == v.argmax()) for r, v in zip(ref, q)) / b,
+        }
+    combos = [(d, b, m) for b in args.batches for m in DTYPE_MIXES for d in args.backbone_dtypes]
+    for c in combos:  # warm-up, untimed: first calls of a shape and of a task layout are slower
+        measure(*c)
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        shift = r * len(combos) // args.rounds
+        order = combos[shift:] + combos[:shift]
+        if r % 2:
+            order = order[::-1]  # each dtype of a pair runs first in half the rounds
+        t, busy, own = time.perf_counter(), busy_seconds(), time.process_time()
+        ips = {"|".join(map(str, c)): measure(*c) for c in order}
+        wall = time.perf_counter() - t
+        foreign = max(0.0, (busy_seconds() - busy - (time.process_time() - own)) / wall)
+        rounds.append({"images_per_s": ips, "wall_s": wall, "foreign_cores": foreign})
+        print(f"  round {r + 1}/{args.rounds}: {wall:.1f} s, other processes {foreign:.2f} cores")
+    keys = ["|".join(map(str, c)) for c in combos]
+    median = {k: statistics.median(rd["images_per_s"][k] for rd in rounds) for k in keys}
+    ratios = {}
+    if {"float32", "int8"} <= set(banks):
+        for b in args.batches:
+            for m in DTYPE_MIXES:
+                per = [rd["images_per_s"][f"int8|{b}|{m}"] / rd["images_per_s"][f"float32|{b}|{m}"] for rd in rounds]
+                ratios[f"{b}|{m}"] = {"per_round": per, "median": statistics.median(per), "min": min(per)}
+    return {
+        "tasks": n,
+        "images_per_measurement": {str(b): calls[b] * b for b in args.batches},
+        "build_s": build_s,
+        "agreement": agree,
+        "median_images_per_s": median,
+        "ratio_int8_over_float32": ratios,
+        "rounds": rounds,
+    }
+
+
+def dtype_main(args, info: dict) -> None:
+    n = args.dtype_tasks
+    print(
+        f"{args.model} ({args.weights}) at {args.img_size}px; {n} MiMi r=3 task files (sizes of {len(SIZES_FROM)} runs)"
+    )
+    print(f"backbone dtypes {', '.join(args.backbone_dtypes)}; batches {args.batches}; {args.rounds} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = write_tasks(args, folder, n)
+        configs = [("bare", 0)] + [("bank_int8" if d == "int8" else "bank", n) for d in args.backbone_dtypes]
+        mem = memory(args, folder, [n], configs)
+        speed = dtype_speed(args, paths)
+    print(f"\n## Images/s, median of {args.rounds} interleaved rounds ({n} tasks in each bank)")
+    dts = args.backbone_dtypes
+    both = {"float32", "int8"} <= set(dts)
+    head = f"{'batch':>5} {'mix':<6}" + "".join(f" {d + ' img/s':>14}" for d in dts)
+    print(head + (f" {'int8/fp32 median':>17} {'min':>6}  per round" if both else ""))
+    for b in args.batches:
+        for m in DTYPE_MIXES:
+            line = f"{b:>5} {m:<6}" + "".join(f" {speed['median_images_per_s'][f'{d}|{b}|{m}']:14.1f}" for d in dts)
+            if both:
+                r = speed["ratio_int8_over_float32"][f"{b}|{m}"]
+                line += f" {r['median']:17.2f} {r['min']:6.2f}  " + " ".join(f"{x:.2f}" for x in r["per_round"])
+            print(line)
+    targets = {}
+    if both:
+        a = speed["agreement"]
+        print(
+            f"int8 vs float32 logits on a mixed batch of {a['batch']}: max |diff| {a['max_abs_diff']:.3g} "
+            f"(largest |logit| {a['max_abs_logit']:.3g}), top-1 agreement {a['top1_agree']:.1%}"
+        )
+        b = 64 if 64 in args.batches else max(args.batches)
+        for m in DTYPE_MIXES:
+            r = speed["ratio_int8_over_float32"][f"{b}|{m}"]
+            met = r["min"] >= DTYPE_TARGET
+            targets[f"batch{b}_{m}"] = {"target": f">= {DTYPE_TARGET}x every round", **r, "met": met}
+            print(
+                f"target batch {b}, {m}: int8/float32 median x{r['median']:.2f}, min x{r['min']:.2f} "
+                f"-> {'MET' if met else 'MISSED'} (>= {DTYPE_TARGET}x in every round)"
+            )
+    bare = next(r for r in mem if r["mode"] == "bare")
+    print(f"\n## Memory (RSS, a fresh process each): bare backbone {bare['rss_mb']:.0f} MB")
+    print(f"{'layout':<10} {'tasks':>5} {'RSS MB':>8} {'above imports':>14} {'peak MB':>8} {'after trim':>11}")
+    for r in mem:
+        inc = r["rss_mb"] - r["rss_imports_mb"]
+        trimmed = r.get("rss_trimmed_mb", float("nan"))
+        print(f"{r['mode']:<10} {r['n']:>5} {r['rss_mb']:>8.0f} {inc:>14.0f} {r['rss_peak_mb']:>8.0f} {trimmed:>11.0f}")
+    print(
+        "(above imports: RSS less the process's after its imports; after trim: "
+        "RSS once malloc_trim has handed freed memory back)"
+    )
+    load = [rd["foreign_cores"] for rd in speed["rounds"]]
+    print(f"other processes used median {statistics.median(load):.2f} cores during the rounds, max {max(load):.2f}")
+    out = args.out or RESULTS / "perf" / ("bank_int8_quick.json" if args.quick else "bank_int8.json")
+    _common.write_record(out, args, info, memory=mem, speed=speed, targets=targets)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -197,11 +373,35 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="smoke run: fewer tasks and repeats")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/bank[_quick].json)")
+    p.add_argument(
+        "--backbone-dtypes",
+        nargs="+",
+        choices=("float32", "int8"),
+        default=None,
+        help="instead of the table: banks with these backbone dtypes side by side (speed, memory); see the docstring",
+    )
+    p.add_argument("--batches", type=int, nargs="+", default=list(DTYPE_BATCHES), help="--backbone-dtypes batches")
+    p.add_argument("--dtype-tasks", type=int, default=64, help="--backbone-dtypes: task files in each bank")
+    p.add_argument("--rounds", type=int, default=5, help="--backbone-dtypes: interleaved rounds")
+    p.add_argument(
+        "--images", type=int, default=256, help="--backbone-dtypes: images per measurement (at least one batch)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         mode, n, folder = args.child
         print(json.dumps(memory_child(args, mode, int(n), Path(folder))))
+        return
+    if args.backbone_dtypes:
+        args.backbone_dtypes = list(dict.fromkeys(args.backbone_dtypes))
+        if args.quick:
+            args.rounds, args.images = 3, 64
+        info = machine()
+        print(f"{info['cpu']} | {info['threads']} threads | torch {info['torch']} | {info['device']}")
+        dtype_main(args, info)
         return
     if args.quick:
         args.repeats, args.batch = 3, 16
@@ -260,7 +460,7 @@ def report(args, info, files, mem, speed, adds, onnx) -> None:
         "machine": info,
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
-        "args": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "out", *DTYPE_ARGS)},
         "bytes": files,
         "memory": mem,
         "throughput": speed,

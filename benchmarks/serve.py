@@ -25,6 +25,15 @@ MKL_NUM_THREADS are set to it for the servers, torch.set_num_threads here); the 
     python benchmarks/serve.py            # 3 repeats, 192 requests a cell (at least 2 per client), 5 s bound
                                           # (about 10 minutes on 2 cores)
     python benchmarks/serve.py --quick    # a smoke run, 1 repeat, 32 requests a cell, 1.5 s bound (under 2 minutes)
+
+``--backbone-dtypes float32 int8`` measures, instead of asgi against stdlib, the ASGI server started once per backbone
+dtype (`mimi serve ... --backbone-dtype DTYPE`, both up at once, interleaved as above; the start-up line must name the
+dtype) at 32 clients (``--concurrency`` to change), every mix, and the bank called directly with each dtype; it
+reports each server's requests/s, the int8 / float32 ratio (of the medians, and per repeat: median and minimum), and
+each server's req/s over its own bank's direct img/s. Written to benchmarks/results/perf/serve_int8[_quick].json.
+
+    python benchmarks/serve.py --backbone-dtypes float32 int8            # 3 repeats (about 5 minutes on 2 cores)
+    python benchmarks/serve.py --backbone-dtypes float32 int8 --quick    # a smoke run (about 2 minutes)
 """
 
 from __future__ import annotations
@@ -224,11 +233,16 @@ def quiesce(pids: list[int], limit: float = 30.0) -> float:
 class Server:
     """A server subprocess: started, waited for, its counters read, stopped."""
 
-    def __init__(self, kind: str, task_dir: Path, args, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, kind: str, task_dir: Path, args, env: dict[str, str], log: Path, backbone_dtype: str | None = None
+    ) -> None:
         self.kind = kind
+        self.backbone_dtype = backbone_dtype
         if kind == "asgi":
             cmd = [sys.executable, "-m", "mimi", "serve", "--task-dir", str(task_dir), "--port", "0"]
             cmd += ["--device", "cpu", "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.wait_ms)]
+            if backbone_dtype is not None:  # None: the server's default, no flag (the asgi / stdlib comparison)
+                cmd += ["--backbone-dtype", backbone_dtype]
         else:
             cmd = [sys.executable, __file__, "--stdlib-child", str(task_dir)]
             cmd += ["--max-batch", str(args.max_batch), "--wait-ms", str(args.wait_ms)]
@@ -263,11 +277,24 @@ class Server:
             if self.url is not None:
                 try:
                     if _get(self.url + path)[0] == 200:
+                        self._check_dtype()
                         return
                 except OSError:
                     pass
             time.sleep(0.2)
         raise SystemExit(f"{self.kind} server not ready within {timeout:.0f} s; see {self.log}")
+
+    def startup(self) -> list[str]:
+        """The server's start-up lines that name its backbone (e.g. ``int8 backbone (quantize_dynamic): 48 linear layers``)."""
+        return [ln for ln in self._lines if "backbone" in ln]
+
+    def _check_dtype(self) -> None:
+        """With a backbone dtype asked for: the server's "serving ..." line must name it."""
+        if self.backbone_dtype is None:
+            return
+        serving = next((ln for ln in self._lines if ln.startswith("serving")), "")
+        if f"({self.backbone_dtype} backbone)" not in serving:
+            raise SystemExit(f"{self.kind} server asked for a {self.backbone_dtype} backbone said: {serving!r}")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -442,16 +469,29 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a client waits for one answer; past it: lost")
     p.add_argument("--direct-images", type=int, default=256, help="images per direct round (in max-batch batches)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=None, help="clients (default: 1 8 32 128; --backbone-dtypes: 32)"
+    )
     p.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, servers and direct alike")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 32 requests a cell, 1.5 s bound")
     p.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/perf/serve[_quick].json)")
+    p.add_argument(
+        "--backbone-dtypes",
+        nargs="+",
+        choices=("float32", "int8"),
+        default=None,
+        help="instead of asgi against stdlib: the ASGI server once per backbone dtype (see the docstring)",
+    )
     p.add_argument("--stdlib-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stdlib_child:
         stdlib_child(args)
         return
+    if args.backbone_dtypes:
+        args.backbone_dtypes = list(dict.fromkeys(args.backbone_dtypes))
+    if args.concurrency is None:
+        args.concurrency = [32] if args.backbone_dtypes else list(CONCURRENCY)
     if args.quick:
         args.repeats, args.requests, args.seconds, args.direct_images, args.timeout = 1, 32, 1.5, 64, 5.0
 
@@ -479,7 +519,10 @@ def main() -> None:
         task_dir.mkdir()
         for path in paths:
             path.rename(task_dir / path.name)
-        servers = {k: Server(k, task_dir, args, env, folder / f"{k}.log") for k in SERVERS}
+        # the contenders: asgi and stdlib, or (--backbone-dtypes) the asgi server once per dtype
+        specs = {f"asgi-{d}": ("asgi", d) for d in args.backbone_dtypes} if args.backbone_dtypes else {}
+        specs = specs or {k: (k, None) for k in SERVERS}
+        servers = {k: Server(kind, task_dir, args, env, folder / f"{k}.log", d) for k, (kind, d) in specs.items()}
         ctx = multiprocessing.get_context("spawn")
         here, there = ctx.Pipe()
         loadgen = ctx.Process(target=_loadgen, args=(there,), daemon=True)
@@ -487,13 +530,20 @@ def main() -> None:
         loadgen.send = here.send  # type: ignore[attr-defined]
         loadgen.recv = here.recv  # type: ignore[attr-defined]
         try:
-            bank = mimi.AdapterBank.from_task_files(
-                {p.stem: p for p in sorted(task_dir.glob("*.safetensors"))},
-                backbone=args.model,
-                weights=args.weights,
-                img_size=args.img_size,
-                device="cpu",
-            )
+            # the bank called directly: "direct" (float32), or "direct-<dtype>" per backbone dtype
+            directs = {f"direct-{d}": d for d in args.backbone_dtypes} if args.backbone_dtypes else {}
+            banks = {
+                key: mimi.AdapterBank.from_task_files(
+                    {p.stem: p for p in sorted(task_dir.glob("*.safetensors"))},
+                    backbone=args.model,
+                    weights=args.weights,
+                    img_size=args.img_size,
+                    device="cpu",
+                    **({"backbone_dtype": d} if d else {}),
+                )
+                for key, d in (directs or {"direct": None}).items()
+            }
+            bank = next(iter(banks.values()))
             import io
 
             from PIL import Image
@@ -510,8 +560,9 @@ def main() -> None:
             t_warm = time.perf_counter()
             warm = argparse.Namespace(**{**vars(args), "direct_images": 4 * args.max_batch})
             for m, mix_name in enumerate(args.mixes):
-                direct_cell(bank, x_pool, mix_name, 900 + m, warm)
-                for c, n in ((32, 32),) if args.quick else ((1, 4), (8, 16), (32, 32)):
+                for b in banks.values():
+                    direct_cell(b, x_pool, mix_name, 900 + m, warm)
+                for c, n in ((32, 32),) if args.quick or args.backbone_dtypes else ((1, 4), (8, 16), (32, 32)):
                     for s in servers.values():
                         w = argparse.Namespace(**{**vars(args), "requests": n})
                         serve_cell(s, loadgen, c, mix_name, 90_000 + 100 * m + c, w, images)
@@ -526,14 +577,16 @@ def main() -> None:
                 return {**out, "quiesce_s": waited, "foreign_cores": foreign.cores}
 
             runs: dict[str, list[dict]] = {}
+            kinds = list(servers)
             for r in range(args.repeats):
                 t_round = time.perf_counter()
                 for m, mix_name in enumerate(args.mixes):
                     seed = 1000 * r + m
-                    cell = timed(functools.partial(direct_cell, bank, x_pool, mix_name, seed, args))
-                    runs.setdefault(f"direct|{mix_name}", []).append(cell)
+                    for key in banks if (r + m) % 2 == 0 else list(banks)[::-1]:
+                        cell = timed(functools.partial(direct_cell, banks[key], x_pool, mix_name, seed, args))
+                        runs.setdefault(f"{key}|{mix_name}", []).append(cell)
                     for i, c in enumerate(args.concurrency):
-                        order = SERVERS if (r + m + i) % 2 == 0 else SERVERS[::-1]
+                        order = kinds if (r + m + i) % 2 == 0 else kinds[::-1]
                         for k in order:
                             cell = timed(
                                 functools.partial(
@@ -552,7 +605,114 @@ def main() -> None:
         key: (median_of(v) if not key.startswith("direct") else {k: statistics.median(x[k] for x in v) for k in v[0]})
         for key, v in runs.items()
     }
+    if args.backbone_dtypes:
+        startup = {k: s.startup() for k, s in servers.items()}
+        report_dtypes(args, info, med, runs, total, write_record, startup)
+        return
     report(args, info, med, runs, total, write_record)
+
+
+def noise_line(info, runs: dict) -> str:
+    """How busy the machine was with other processes during the cells, and the waits for idle servers."""
+    noise = sorted((r["foreign_cores"], key) for key, rs in runs.items() for r in rs if "foreign_cores" in r)
+    waits = [r["quiesce_s"] for rs in runs.values() for r in rs if "quiesce_s" in r]
+    busy = [x for x, _ in noise if x > 0.1]
+    return (
+        f"machine: other processes used median {statistics.median(x for x, _ in noise):.2f} cores during the "
+        f"cells, max {noise[-1][0]:.2f} ({noise[-1][1]}); {len(busy)} of {len(noise)} cells over 0.1 core; "
+        f"load {info['load_before'][0]:.2f} before the run; waited {sum(waits):.0f} s for idle servers"
+    )
+
+
+def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_record, startup: dict) -> None:
+    """--backbone-dtypes: each dtype's ASGI server (and direct bank), and the int8 / float32 ratios."""
+    dts = args.backbone_dtypes
+    per = {c: max(2, math.ceil(args.requests / c)) for c in args.concurrency}
+    print(
+        f"\n{args.model} ({args.weights}) at {args.img_size}px, {N_TASKS} MiMi tasks loaded; `mimi serve` once per "
+        f"backbone dtype; max batch {args.max_batch}, wait {args.wait_ms:g} ms; torch threads {args.threads}"
+    )
+    for k, lines in startup.items():
+        print(f"  {k}: " + " | ".join(lines))
+    print(
+        "requests per cell: "
+        + ", ".join(f"{c} clients x {per[c]}" for c in args.concurrency)
+        + f", bound {args.seconds:g} s; median of {args.repeats} interleaved repeats; lost = total over repeats"
+    )
+    head = f"{'mix':<10} {'clients':>7} |"
+    for d in dts:
+        head += f" {d + ' req/s':>14} {'p50':>6} {'p95':>6} {'lost':>4} {'batch':>5} |"
+    both = {"float32", "int8"} <= set(dts)
+    print(head + (f" {'int8/fp32':>9} {'min':>5} |" if both else "") + "".join(f" {d + ' direct':>14}" for d in dts))
+    ratios: dict[str, dict] = {}
+    for mix_name in args.mixes:
+        for c in args.concurrency:
+            line = f"{mix_name:<10} {c:>7} |"
+            for d in dts:
+                s = med[f"asgi-{d}|{c}|{mix_name}"]
+                line += (
+                    f" {s['requests_per_s']:14.1f} {s['p50_ms']:6.0f} {s['p95_ms']:6.0f} {s['lost']:>4}"
+                    f" {s['mean_batch']:5.1f} |"
+                )
+            if both:
+                f32, i8 = (runs[f"asgi-{d}|{c}|{mix_name}"] for d in ("float32", "int8"))
+                per_repeat = [b["requests_per_s"] / a["requests_per_s"] for a, b in zip(f32, i8)]
+                rs = {d: med[f"asgi-{d}|{c}|{mix_name}"]["requests_per_s"] for d in ("float32", "int8")}
+                direct = {d: med[f"direct-{d}|{mix_name}"]["images_per_s"] for d in ("float32", "int8")}
+                ratios[f"{c}|{mix_name}"] = {
+                    "clients": c,
+                    "mix": mix_name,
+                    "requests_per_s": rs,
+                    "int8_over_float32": rs["int8"] / rs["float32"],
+                    "per_repeat": per_repeat,
+                    "median_per_repeat": statistics.median(per_repeat),
+                    "min_per_repeat": min(per_repeat),
+                    "direct_images_per_s": direct,
+                    "direct_int8_over_float32": direct["int8"] / direct["float32"],
+                    "server_over_direct": {d: rs[d] / direct[d] for d in rs},
+                }
+                line += f" {rs['int8'] / rs['float32']:9.2f} {min(per_repeat):5.2f} |"
+            if c == args.concurrency[0]:
+                line += "".join(f" {med[f'direct-{d}|{mix_name}']['images_per_s']:14.1f}" for d in dts)
+            print(line)
+    print(
+        "(latencies in ms; batch: mean requests per backbone pass; int8/fp32: ratio of the medians' req/s, min: the "
+        "lowest ratio of one repeat; direct: the bank called in this process, img/s)"
+    )
+    if ratios:
+        print("\nserver req/s over its own bank's direct img/s; direct int8/float32:")
+        for r in ratios.values():
+            sod = r["server_over_direct"]
+            print(
+                f"  {r['mix']:<10} {r['clients']:>4} clients: float32 x{sod['float32']:.2f}, int8 x{sod['int8']:.2f}; "
+                f"direct int8/float32 x{r['direct_int8_over_float32']:.2f}"
+            )
+    lost = {d: sum(med[f"asgi-{d}|{c}|{m}"]["lost"] for c in args.concurrency for m in args.mixes) for d in dts}
+    print("\nlost requests: " + ", ".join(f"{d} {n}" for d, n in lost.items()))
+    print(noise_line(info, runs))
+    print(f"whole run {total_s / 60:.1f} min")
+    out = args.out or RESULTS / "perf" / ("serve_int8_quick.json" if args.quick else "serve_int8.json")
+    cells = [
+        {"server": "asgi", "backbone_dtype": d, "clients": c, "mix": m, **med[f"asgi-{d}|{c}|{m}"]}
+        for m in args.mixes
+        for c in args.concurrency
+        for d in dts
+    ]
+    direct = {d: {m: med[f"direct-{d}|{m}"] for m in args.mixes} for d in dts}
+    write_record(
+        out,
+        argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "stdlib_child"}),
+        info,
+        stack=_stack(),
+        startup=startup,
+        requests_per_client=per,
+        cells=cells,
+        direct=direct,
+        ratios=ratios,
+        lost=lost,
+        total_s=total_s,
+        runs=runs,
+    )
 
 
 def report(args, info, med: dict, runs: dict, total_s: float, write_record) -> None:
@@ -628,14 +788,7 @@ def report(args, info, med: dict, runs: dict, total_s: float, write_record) -> N
         f"  asgi >= {TARGET_RATIO}x direct at {ref} clients: worst x{worst:.2f} -> "
         f"{'MET' if worst >= TARGET_RATIO else 'MISSED'}"
     )
-    noise = sorted((r["foreign_cores"], key) for key, rs in runs.items() for r in rs if "foreign_cores" in r)
-    waits = [r["quiesce_s"] for rs in runs.values() for r in rs if "quiesce_s" in r]
-    busy = [x for x, _ in noise if x > 0.1]
-    print(
-        f"\nmachine: other processes used median {statistics.median(x for x, _ in noise):.2f} cores during the "
-        f"cells, max {noise[-1][0]:.2f} ({noise[-1][1]}); {len(busy)} of {len(noise)} cells over 0.1 core; "
-        f"load {info['load_before'][0]:.2f} before the run; waited {sum(waits):.0f} s for idle servers"
-    )
+    print("\n" + noise_line(info, runs))
     print(f"whole run {total_s / 60:.1f} min")
     out = args.out or RESULTS / "perf" / ("serve_quick.json" if args.quick else "serve.json")
     cells = [

@@ -25,6 +25,7 @@ from mimi.core import taskfile as ckpt
 from mimi.core.adapters import adapter_param_count, count_trainable
 from mimi.core.errors import CheckpointError, ConfigError
 from mimi.core.files import atomic_write_json, remove_stale_temp_files
+from mimi.core.int8_backbone import check_backbone_dtype, quantize_backbone
 from mimi.training import distill, distributed
 from mimi.training.engine import (
     evaluate,
@@ -161,9 +162,12 @@ def budget_weights(run_dir: str | Path, budget: int) -> str:
     return rel
 
 
-def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors", budget: int | None = None) -> Run:
+def load_run(
+    run_dir: str | Path, *, weights: str = "adapters.safetensors", budget: int | None = None, device: str | None = None
+) -> Run:
     """Rebuild a finished (or interrupted) run's model from its folder, for evaluation: its final adapters, another
-    file of the folder (``weights``), or the task a run of several budgets kept at ``budget``."""
+    file of the folder (``weights``), or the task a run of several budgets kept at ``budget``; on ``device``
+    (default: the run's own setting)."""
     out = Path(run_dir)
     if not (out / "config.yaml").is_file():
         raise CheckpointError(f"{out}: not a run folder (no config.yaml)")
@@ -172,6 +176,8 @@ def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors", budg
     path = out / weights if not Path(weights).is_absolute() else Path(weights)
     cfg = TrainConfig.load(out / "config.yaml")
     cfg.progress = False
+    if device is not None:
+        cfg.device = device
     meta = ckpt.read_metadata(path)
     run = build_run(cfg, sizes=json.loads(meta["sizes"]) if json.loads(meta["adapter_config"]) else None)
     ckpt.restore_trained(run.model, path, meta=meta)
@@ -179,15 +185,25 @@ def load_run(run_dir: str | Path, *, weights: str = "adapters.safetensors", budg
 
 
 def evaluate_run(
-    run_dir: str | Path, *, split: str = "test", weights: str = "adapters.safetensors", budget: int | None = None
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    weights: str = "adapters.safetensors",
+    budget: int | None = None,
+    backbone_dtype: str = "float32",
+    engine: str | None = None,
 ) -> dict:
     """Accuracy of a run's saved adapters on one split (``val`` or ``test``); ``budget``: the task a run of several
-    budgets kept at that budget."""
+    budgets kept at that budget; ``backbone_dtype="int8"``: the frozen backbone quantised first (CPU only; see
+    :func:`mimi.core.int8_backbone.quantize_backbone`, whose ``engine`` is passed on)."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
+    check_backbone_dtype(backbone_dtype, "cpu", engine)
     if budget is not None:
         weights = budget_weights(run_dir, budget)
-    run = load_run(run_dir, weights=weights)
+    # an int8 backbone runs on the CPU, whatever device the run trained on
+    run = load_run(run_dir, weights=weights, device="cpu" if backbone_dtype == "int8" else None)
+    quantize_backbone(run.model, backbone_dtype, engine=engine)
     res = evaluate(
         run.model,
         getattr(run.task, split),
@@ -196,4 +212,4 @@ def evaluate_run(
         batch_size=run.cfg.eval_batch_size,
         amp_dtype=run.amp_dtype,
     )
-    return {"run": str(run_dir), "split": split, "weights": weights, **res}
+    return {"run": str(run_dir), "split": split, "weights": weights, "backbone_dtype": backbone_dtype, **res}

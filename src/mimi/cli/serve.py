@@ -82,11 +82,14 @@ def _open_bank(args: argparse.Namespace, names: list[str]):
     if not files and args.backbone is None:
         raise ConfigError(f"--task-dir {args.task_dir} holds no readable task file yet; name the backbone (--backbone)")
     rec = serving_backbone(files, backbone=args.backbone, weights=args.weights, img_size=args.img_size)
-    bank = AdapterBank(rec.model, weights=rec.weights, img_size=rec.img_size, device=args.device)
+    kw = {"weights": rec.weights, "img_size": rec.img_size, "device": args.device}
+    bank = AdapterBank(rec.model, **kw, backbone_dtype=args.backbone_dtype)
     for name, path in args.task:
         bank.add(name, path)
     if args.backbone is None:
         print(f"backbone {bank.name} (weights {bank.weights_source}, {bank.img_size} px), as the task files record")
+    if bank.backbone_dtype != "float32":
+        print(bank.quantized.describe())
     return bank
 
 
@@ -132,7 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (f"{args.task_dir}/" if args.task_dir else "")
         )
         print(
-            f"serving {what} on {bank.name} at http://{host}:{port} (POST /predict?task=NAME; Ctrl-C stops)", flush=True
+            f"serving {what} on {bank.name} ({bank.backbone_dtype} backbone) at http://{host}:{port} "
+            "(POST /predict?task=NAME; Ctrl-C stops)",
+            flush=True,
         )
         # uvicorn re-raises the signal that stopped it once it has drained, under the handlers found at start:
         # no-op handlers make a drained shutdown (SIGTERM, Ctrl-C) a clean exit 0, as systemd and docker expect.

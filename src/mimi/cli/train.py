@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mimi.cli.command import Command
 from mimi.cli.flags import add_dataclass_flags, config_from_args
+from mimi.cli.serving import add_backbone_dtype_arg
 from mimi.core.errors import ConfigError
 
 
@@ -55,6 +56,7 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
         "--weights", default="adapters.safetensors", help="file in the run folder (e.g. cycles/cycle_2.safetensors)"
     )
     p.add_argument("--budget", type=int, metavar="N", help="the task a run of several budgets kept at N parameters")
+    add_backbone_dtype_arg(p)
     p.add_argument(
         "--json",
         nargs="?",
@@ -69,11 +71,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mimi.core.files import atomic_write_json
     from mimi.trainer import evaluate_run
 
-    res = evaluate_run(args.run_dir, split=args.split, weights=args.weights, budget=args.budget)
+    kw = {"split": args.split, "weights": args.weights, "budget": args.budget, "backbone_dtype": args.backbone_dtype}
+    res = evaluate_run(args.run_dir, **kw)
     if args.json == "-":
         print(json.dumps(res))
         return 0
-    print(f"{args.split} accuracy {100 * res['acc']:.2f}% ({res['n']} images, loss {res['loss']:.4f})")
+    on = "" if args.backbone_dtype == "float32" else f", {args.backbone_dtype} backbone"
+    print(f"{args.split} accuracy {100 * res['acc']:.2f}% ({res['n']} images{on}, loss {res['loss']:.4f})")
     if args.per_class:
         for i, a in enumerate(res["per_class_acc"]):
             print(f"  class {i}: {100 * a:.2f}%")

@@ -3,7 +3,8 @@
     POST /predict?task=NAME[&topk=K]   body: an image file, or a multipart/form-data upload (field ``file``)
                                        -> {"task", "ids", "names", "probs", "predictions": [{"label", "id", "score"}]}
     GET  /tasks                        -> per task: method, parameters, bytes, classes (``AdapterBank.info``)
-    GET  /health                       -> {"ok": true, "tasks": [...], "requests": N, "batches": M} (liveness)
+    GET  /health                       -> {"ok": true, "tasks": [...], "requests": N, "batches": M,
+                                           "backbone_dtype": "float32" | "int8"} (liveness)
     GET  /ready                        -> 200 once the backbone and tasks are loaded; 503 before, and while draining
     GET  /metrics                      -> Prometheus text format (see :mod:`mimi.deploy.metrics`)
     GET  /                             -> a page to try it in a browser
@@ -321,7 +322,13 @@ class BankService:
     async def health(self, request: Request) -> Response:
         b = self.batcher
         return JSONResponse(
-            {"ok": True, "tasks": self.bank.tasks, "requests": b.requests if b else 0, "batches": b.batches if b else 0}
+            {
+                "ok": True,
+                "tasks": self.bank.tasks,
+                "requests": b.requests if b else 0,
+                "batches": b.batches if b else 0,
+                "backbone_dtype": self.bank.backbone_dtype,
+            }
         )
 
     async def ready_check(self, request: Request) -> Response:

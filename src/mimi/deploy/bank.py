@@ -33,6 +33,7 @@ from mimi.core.adapters import (
 )
 from mimi.core.device import resolve_device
 from mimi.core.errors import CheckpointError, ConfigError, DataError, ModelError
+from mimi.core.int8_backbone import QuantizedBackbone, check_backbone_dtype, quantize_backbone
 from mimi.core.lora import LoRALinear
 from mimi.core.modules import architecture_of
 from mimi.core.taskfile import backbone_fingerprint, model_architecture, unit_sizes
@@ -90,6 +91,12 @@ class AdapterBank:
             each site's adapters in one batched matmul), ``grouped`` (sorted, one small matmul pair per task) or
             ``gather`` (per-site gather / scatter-add); see :mod:`mimi.deploy.routing`. Same logits to 1e-5;
             settable later as ``bank.mixed``.
+        backbone_dtype: ``float32`` (default) or ``int8``: the frozen backbone's linear layers quantised once, here
+            (int8 weights, int8 activations per row; see :mod:`mimi.core.int8_backbone`), about twice the images per
+            second on a CPU. Every task's adapters, LoRA updates and head stay float32 side paths, so tasks are
+            added, replaced and removed as on a float32 bank. CPU only.
+        int8_engine: which library quantises an ``int8`` backbone (``torchao`` or ``quantize_dynamic``; default:
+            the first of :data:`mimi.core.int8_backbone.ENGINES`, chosen by measuring them side by side).
 
     Raises:
         ConfigError, BackboneError, ModelError: bad arguments, unknown model or weights, a backbone that already
@@ -104,8 +111,14 @@ class AdapterBank:
         img_size: int | None = None,
         device: str = "auto",
         mixed: str = DEFAULT_STRATEGY,
+        backbone_dtype: str = "float32",
+        int8_engine: str | None = None,
     ) -> None:
         check_strategy(mixed)
+        self.device = resolve_device(device)
+        check_backbone_dtype(
+            backbone_dtype, self.device, int8_engine
+        )  # before the backbone is built: a bad flag costs nothing
         if isinstance(backbone, str):
             model, self.weights_source = create_backbone(backbone, weights=weights, img_size=img_size)
             self.name: str | None = backbone
@@ -118,7 +131,6 @@ class AdapterBank:
                 raise ConfigError(f"img_size={img_size} but the given module takes {model_img_size(model)} px")
         else:
             raise ConfigError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
-        self.device = resolve_device(device)
         if hasattr(model, "reset_classifier"):
             model.reset_classifier(0)  # the backbone returns pooled features; every task brings its own head
         self.model: nn.Module = model.requires_grad_(False).eval().to(self.device)
@@ -131,10 +143,17 @@ class AdapterBank:
         self._router = Router(mixed)
         # The bare backbone's structure, recorded before any wrapping: where adapters and LoRA updates can go.
         self._sites = {p: _all_sites(model, p) for p in ("sequential", "parallel")}
-        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        # (in, out) of every linear layer, by name: shapes, not modules (an int8 engine may swap the modules)
+        self._linears = {
+            n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        }
         slots = {s.name.removesuffix(".adapter") for sites in self._sites.values() for s in sites.values()}
         # module objects, not paths: wrapping a branch must not change where a layer inside it is found
         self._parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in set(self._linears) | slots}
+        # once, before any task: the linear layers keep their modules (only their weights change), so the sites and
+        # LoRA targets recorded above still hold
+        self.quantized: QuantizedBackbone = quantize_backbone(model, backbone_dtype, engine=int8_engine)
+        self.backbone_dtype = backbone_dtype
         self._frozen = dict(model.named_parameters())  # by their bare names (references, no copies)
         self._site_modules: dict[str, BankSite] = {}
         self._tasks: dict[str, _Task] = {}
@@ -150,16 +169,26 @@ class AdapterBank:
         weights: str | None = None,
         img_size: int | None = None,
         device: str = "auto",
+        backbone_dtype: str = "float32",
+        int8_engine: str | None = None,
     ) -> AdapterBank:
         """A bank on the backbone the task files record (model, weight source, resolution), holding them all.
 
-        ``backbone``, ``weights`` and ``img_size`` override what the files record. Raises :class:`ConfigError`
+        ``backbone``, ``weights`` and ``img_size`` override what the files record; ``backbone_dtype`` and ``int8_engine``
+        as for the constructor. Raises :class:`ConfigError`
         when no backbone is given and the files record none or different ones, and what :meth:`add` raises for a
         bad file.
         """
         files = [read_task_file(p) for p in tasks.values()]
         rec = serving_backbone(files, backbone=backbone, weights=weights, img_size=img_size)
-        bank = cls(rec.model, weights=rec.weights, img_size=rec.img_size, device=device)
+        bank = cls(
+            rec.model,
+            weights=rec.weights,
+            img_size=rec.img_size,
+            device=device,
+            backbone_dtype=backbone_dtype,
+            int8_engine=int8_engine,
+        )
         for name, path in tasks.items():
             bank.add(name, path)
         return bank
@@ -178,7 +207,8 @@ class AdapterBank:
         return task in self._tasks
 
     def __repr__(self) -> str:
-        return f"AdapterBank({self.name or type(self.model).__name__}, {self.img_size}px, tasks={self.tasks})"
+        dtype = "" if self.backbone_dtype == "float32" else f", {self.backbone_dtype}"
+        return f"AdapterBank({self.name or type(self.model).__name__}, {self.img_size}px{dtype}, tasks={self.tasks})"
 
     def add(self, task: str, path: str | Path, *, replace: bool = False) -> None:
         """Load a task file (``mimi.save_adapters`` / ``mimi export``: float32, float16 or int8) or a PEFT LoRA
@@ -257,7 +287,8 @@ class AdapterBank:
             )
         for name, t in f.backbone_tensors.items():
             own = self._frozen.get(name)
-            if own is None or own.shape != t.shape or not torch.equal(own, t.to(own.device, own.dtype)):
+            quantized = own is not None and type(own) not in (torch.Tensor, nn.Parameter)  # an int8 weight
+            if quantized or own is None or own.shape != t.shape or not torch.equal(own, t.to(own.device, own.dtype)):
                 raise CheckpointError(
                     f"{f.path}: the task trained {name!r}, a tensor of the backbone itself; a bank shares one frozen "
                     f"backbone and serves tasks of {', '.join(servable_methods())} (evaluate this one with `mimi eval`)"
@@ -288,8 +319,8 @@ class AdapterBank:
                 adapter.neuron_ids = torch.arange(hidden, device=self.device)
                 adapters_[name.removesuffix(".adapter")] = (f.adapter_config.placement, adapter)
         for layer, spec in f.lora.items():
-            base = self._linears.get(layer)
-            if base is None:
+            shape = self._linears.get(layer)
+            if shape is None:
                 raise CheckpointError(
                     f"{f.path}: LoRA layer {layer!r} does not exist in this backbone ({type(self.model).__name__}, "
                     f"{len(find_blocks(self.model))} blocks): the file was made for another depth or architecture"
@@ -297,18 +328,17 @@ class AdapterBank:
             t = f.lora_tensors.get(layer, {})
             a, b = t.get("lora_a.weight"), t.get("lora_b.weight")
             rank = int(spec["rank"])
-            if a is None or b is None or a.shape != (rank, base.in_features) or b.shape != (base.out_features, rank):
+            n_in, n_out = shape
+            if a is None or b is None or a.shape != (rank, n_in) or b.shape != (n_out, rank):
                 raise CheckpointError(
                     f"{f.path}: LoRA tensors of {layer} have shapes {None if a is None else tuple(a.shape)} / "
-                    f"{None if b is None else tuple(b.shape)} but this backbone's layer is {base.in_features} -> "
-                    f"{base.out_features} at rank {rank}: the file was made for another architecture or width"
+                    f"{None if b is None else tuple(b.shape)} but this backbone's layer is {n_in} -> "
+                    f"{n_out} at rank {rank}: the file was made for another architecture or width"
                 )
             alpha = float(spec.get("alpha") or rank)
             # a LoRA update scale * B A x is a parallel adapter of its layer: no activation, no bias, A down, B up
             with torch.device("meta"):
-                update = Adapter(
-                    base.in_features, base.out_features, rank, act="identity", bias=False, scale=alpha / rank
-                )
+                update = Adapter(n_in, n_out, rank, act="identity", bias=False, scale=alpha / rank)
             self._load(update, {"down.weight": a, "up.weight": b}, f, layer)
             update.neuron_ids = torch.arange(rank, device=self.device)
             adapters_[layer] = ("parallel", update)

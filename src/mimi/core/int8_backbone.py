@@ -1,0 +1,166 @@
+"""The frozen backbone in int8 for inference: its linear layers quantised once, every adapter left float32.
+
+A bank (and ``mimi eval`` / ``predict`` / ``serve``) spends almost all of its time in the frozen backbone's
+``qkv`` / ``proj`` / ``fc1`` / ``fc2`` matmuls. :func:`quantize_backbone` swaps those layers for int8 ones: int8
+weights with one scale per output channel, activations quantised on the fly (dynamic int8), int32 accumulation.
+Anything a task trains stays a float32 side path beside the layer it adapts: adapters, LoRA updates (never merged
+into an int8 weight, where the update would be rounded away) and heads; so do the patch embedding, the norms and
+the attention itself.
+
+Two engines, measured side by side on real images by ``benchmarks/int8_backbone_engines.py`` (README, "An int8
+backbone"; ViT-S/14 at 56 px, 2 cores: float32 123 images/s at batch 64):
+
+* ``quantize_dynamic`` (the default): PyTorch's ``torch.ao.quantization.quantize_dynamic`` with per-channel weights
+  (fbgemm / oneDNN kernels; the activation scale is one per call, so an image's features depend slightly on the
+  other images of its batch). 1.8x float32 at batch 64, 2.5-2.9x at batch 1-8. PyTorch marks the API deprecated
+  in favour of torchao, whose CPU path below is not yet faster than float32 without ``torch.compile``; the choice
+  lives here alone, so changing it later changes one function.
+* ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` (one activation scale per row: an image's
+  features do not depend on its batch). Closer to float32 (feature cosine 0.9992 against 0.9957), but in eager
+  mode on a CPU its quantise / dequantise ops cost more than the int8 matmuls save: 0.6-1.0x float32.
+
+A bank records where its sites and linear layers are before quantising (names and shapes, no modules), so engines
+that swap a layer's module class work as well as those that only swap its weight.
+
+Both run on the CPU only: :func:`check_backbone_dtype` refuses another device in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mimi.core.errors import ConfigError, ModelError
+
+#: ``backbone_dtype`` values: ``float32`` (the default: the backbone as trained) and ``int8``.
+BACKBONE_DTYPES = ("float32", "int8")
+#: Quantisation engines for ``int8``; the first is the default.
+ENGINES = ("quantize_dynamic", "torchao")
+
+
+@dataclass(frozen=True)
+class QuantizedBackbone:
+    """What :func:`quantize_backbone` did: the engine, the layers it quantised, their weight bytes before/after."""
+
+    dtype: str
+    engine: str | None
+    layers: int
+    float_bytes: int
+    int8_bytes: int
+
+    def describe(self) -> str:
+        """One line for start-up output: ``int8 backbone (quantize_dynamic): 48 linear layers, weights 84.9 MB ...``."""
+        if self.dtype == "float32":
+            return "float32 backbone"
+        mb = 1e6
+        return (
+            f"int8 backbone ({self.engine}): {self.layers} linear layers, weights {self.float_bytes / mb:.1f} MB -> "
+            f"{self.int8_bytes / mb:.1f} MB; adapters, LoRA and heads stay float32"
+        )
+
+
+def check_backbone_dtype(dtype: str, device: torch.device | str = "cpu", engine: str | None = None) -> str:
+    """``dtype`` if it is known and can run on ``device``; else :class:`ConfigError` in one line naming the fix."""
+    if dtype not in BACKBONE_DTYPES:
+        raise ConfigError(f"unknown backbone dtype {dtype!r}; choose one of {', '.join(BACKBONE_DTYPES)}")
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(f"unknown int8 engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if dtype == "int8" and torch.device(device).type != "cpu":
+        raise ConfigError(
+            f"an int8 backbone runs on the CPU (its int8 kernels are CPU kernels), not on {device}; "
+            "use --device cpu, or --backbone-dtype float32 on a GPU"
+        )
+    if dtype == "int8" and (engine or ENGINES[0]) == "quantize_dynamic" and not int8_kernels():
+        raise ConfigError(
+            "this build of PyTorch has no int8 CPU kernels (torch.backends.quantized.supported_engines lists none); "
+            "use --backbone-dtype float32"
+        )
+    return dtype
+
+
+def int8_kernels() -> list[str]:
+    """PyTorch's quantised CPU kernel libraries in this build (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``)."""
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+def backbone_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The backbone's own linear layers in its transformer blocks, by name (what inference quantises).
+
+    Skipped: adapters (whole subtrees); in a wrapper of a backbone layer (our ``LoRALinear`` with its ``base``, a
+    PEFT layer with its ``base_layer``) everything but that layer; and layers outside the blocks (the classifier, a
+    patch embedding written as a linear layer). Told apart by module type, not by ``requires_grad``: a loaded run
+    has every tensor frozen.
+    """
+    from mimi.core.adapters import Adapter, find_blocks
+
+    for block_name, block in find_blocks(model):
+        yield from _block_linears(block, block_name, Adapter)
+
+
+def _block_linears(module: nn.Module, prefix: str, adapter_type: type) -> Iterator[tuple[str, nn.Linear]]:
+    if isinstance(module, adapter_type):
+        return
+    if type(module) is nn.Linear:
+        yield prefix, module
+        return
+    base = next((a for a in ("base", "base_layer") if isinstance(getattr(module, a, None), nn.Module)), None)
+    children = [(base, getattr(module, base))] if base else module.named_children()
+    for name, child in children:
+        yield from _block_linears(child, f"{prefix}.{name}", adapter_type)
+
+
+def _weight_bytes(layers: list[nn.Linear]) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in layers)
+
+
+def quantize_backbone(model: nn.Module, dtype: str = "int8", *, engine: str | None = None) -> QuantizedBackbone:
+    """Quantise ``model``'s backbone linear layers (:func:`backbone_linears`) in place (``dtype="float32"`` leaves it as it is).
+
+    Call it once, on the CPU, before inference; adapters and LoRA updates added later are float32 modules beside
+    the quantised layers and are never touched.
+
+    Raises:
+        ConfigError: an unknown dtype or engine, or a model not on the CPU.
+        ModelError: the engine is not installed, or the model has no linear layer in transformer blocks.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_backbone_dtype(dtype, device, engine)
+    if dtype == "float32":
+        return QuantizedBackbone("float32", None, 0, 0, 0)
+    engine = engine or ENGINES[0]
+    layers = dict(backbone_linears(model))
+    if not layers:
+        raise ModelError(f"{type(model).__name__} has no linear layer in transformer blocks to quantise")
+    before = _weight_bytes(list(layers.values()))
+    after = sum(m.weight.numel() + 4 * m.out_features for m in layers.values())  # int8 codes + a float32 scale per row
+    if engine == "torchao":
+        _torchao(model, set(map(id, layers.values())))
+    else:
+        _quantize_dynamic(model, layers)
+    return QuantizedBackbone("int8", engine, len(layers), before, after)
+
+
+def _torchao(model: nn.Module, ids: set[int]) -> None:
+    pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import logs a note about its registrations
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as e:
+        raise ModelError(f"an int8 backbone needs torchao ({e}); pip install 'mimi-adapters[int8]'") from e
+    finally:
+        pytree_log.setLevel(level)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _fqn: id(m) in ids)
+
+
+def _quantize_dynamic(model: nn.Module, layers: dict[str, nn.Linear]) -> None:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in layers}, inplace=True)
