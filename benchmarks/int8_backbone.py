@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from int8_tasks import ROOT, SPEC, backbone, grid_config, quick_config, trained_run
+from int8_tasks import ROOT, SPEC, backbone, grid_config, quick_config, record_header, trained_run
 
 import mimi
-from mimi.bench.runner import _git_commit, _versions
 from mimi.core.int8_backbone import ENGINES
 from mimi.core.taskfile import save_adapters
 from mimi.trainer import load_run
@@ -96,17 +94,8 @@ def main() -> None:
     start = time.perf_counter()
     results = {rid: measure(rid, cfg, grid, runs=args.runs, files=tmp / "files") for rid, cfg, grid in jobs}
     record = {
-        "script": "benchmarks/int8_backbone.py",
-        "quick": args.quick,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "host": platform.node(),
-        "git_commit": _git_commit(),
-        "versions": _versions(),
-        "torch_threads": torch.get_num_threads(),
+        **record_header("benchmarks/int8_backbone.py", args),
         "quantized_engine": torch.backends.quantized.engine,
-        "spec": None
-        if args.quick
-        else str(args.spec.relative_to(ROOT) if args.spec.is_relative_to(ROOT) else args.spec),
         "target_points": TARGET_POINTS,
         "tasks": results,
         "wall_seconds": time.perf_counter() - start,

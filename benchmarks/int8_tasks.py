@@ -90,6 +90,21 @@ def quick_config(base: Path) -> tuple[str, dict, None]:
     return "toy__mimi__quick__s0", cfg, None
 
 
+def record_header(script: str, args: argparse.Namespace) -> dict:
+    """The fields every record of these scripts starts with: what ran, when, where, on which versions and grid."""
+    spec = None if args.quick else str(args.spec.relative_to(ROOT) if args.spec.is_relative_to(ROOT) else args.spec)
+    return {
+        "script": script,
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": platform.node(),
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "torch_threads": torch.get_num_threads(),
+        "spec": spec,
+    }
+
+
 def _finished(folder: Path) -> bool:
     return (folder / "adapters.safetensors").is_file() and (folder / "summary.json").is_file()
 
@@ -267,16 +282,7 @@ def main() -> None:
     for rid, cfg, grid in jobs:
         results[rid] = measure(rid, cfg, grid, runs=args.runs, files=files, device=args.device)
     record = {
-        "script": "benchmarks/int8_tasks.py",
-        "quick": args.quick,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "host": platform.node(),
-        "git_commit": _git_commit(),
-        "versions": _versions(),
-        "torch_threads": torch.get_num_threads(),
-        "spec": None
-        if args.quick
-        else str(args.spec.relative_to(ROOT) if args.spec.is_relative_to(ROOT) else args.spec),
+        **record_header("benchmarks/int8_tasks.py", args),
         "configs": {rid: cfg for rid, cfg, _ in jobs},
         "targets": {"int8_bytes_below": TARGET_BYTES, "int8_within_points_of_fp32": TARGET_POINTS},
         "tasks": results,
