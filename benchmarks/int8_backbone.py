@@ -19,13 +19,12 @@ with ``--quick``. Speed is measured elsewhere: benchmarks/int8_backbone_engines.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from int8_tasks import ROOT, SPEC, backbone, grid_config, quick_config, record_header, trained_run
+from int8_tasks import ROOT, SPEC, backbone, grid_config, quick_config, record_header, trained_run, write_record
 
 import mimi
 from mimi.core.int8_backbone import ENGINES
@@ -100,9 +99,7 @@ def main() -> None:
         "tasks": results,
         "wall_seconds": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"-> {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ def record_header(script: str, args: argparse.Namespace) -> dict:
     }
 
 
+def write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"-> {path}")
+
+
 def _finished(folder: Path) -> bool:
     return (folder / "adapters.safetensors").is_file() and (folder / "summary.json").is_file()
 
@@ -288,9 +294,7 @@ def main() -> None:
         "tasks": results,
         "wall_seconds": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"-> {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

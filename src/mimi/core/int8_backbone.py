@@ -8,15 +8,18 @@ into an int8 weight, where the update would be rounded away) and heads; so do th
 the attention itself.
 
 Two engines, measured side by side on real images by ``benchmarks/int8_backbone_engines.py`` (README, "An int8
-backbone"; ViT-S/14 at 56 px, 2 cores: float32 123 images/s at batch 64):
+backbone"; ViT-S/14 at 56 px, 2 cores: float32 123-160 images/s at batch 64):
 
 * ``quantize_dynamic`` (the default): PyTorch's ``torch.ao.quantization.quantize_dynamic`` with per-channel weights
   (fbgemm / oneDNN kernels; the activation scale is one per call, so an image's features depend slightly on the
-  other images of its batch). 1.8x float32 at batch 64, 2.5-2.9x at batch 1-8. PyTorch marks the API deprecated
+  other images of its batch). 1.8-1.9x float32 at batch 64, 2.2-2.9x at batch 1-8; the batch-wide scale costs
+  accuracy where DINOv2's outlier channels matter (0 points on two MiniVTAB tasks, 3.95 on fmnist_count,
+  ``benchmarks/int8_backbone.py``). PyTorch marks the API deprecated
   in favour of torchao, whose CPU path below is not yet faster than float32 without ``torch.compile``; the choice
   lives here alone, so changing it later changes one function.
 * ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` (one activation scale per row: an image's
-  features do not depend on its batch). Closer to float32 (feature cosine 0.9992 against 0.9957), but in eager
+  features do not depend on its batch). Closer to float32 (feature cosine 0.9992 against 0.9957; within 0.4 points
+  on the same three tasks), but in eager
   mode on a CPU its quantise / dequantise ops cost more than the int8 matmuls save: 0.6-1.0x float32.
 
 A bank records where its sites and linear layers are before quantising (names and shapes, no modules), so engines

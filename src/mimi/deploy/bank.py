@@ -92,10 +92,11 @@ class AdapterBank:
             ``gather`` (per-site gather / scatter-add); see :mod:`mimi.deploy.routing`. Same logits to 1e-5;
             settable later as ``bank.mixed``.
         backbone_dtype: ``float32`` (default) or ``int8``: the frozen backbone's linear layers quantised once, here
-            (int8 weights, int8 activations per row; see :mod:`mimi.core.int8_backbone`), about twice the images per
-            second on a CPU. Every task's adapters, LoRA updates and head stay float32 side paths, so tasks are
-            added, replaced and removed as on a float32 bank. CPU only.
-        int8_engine: which library quantises an ``int8`` backbone (``torchao`` or ``quantize_dynamic``; default:
+            (int8 weights, activations quantised on the fly; see :mod:`mimi.core.int8_backbone`): about twice the
+            images per second on a CPU, at a cost in accuracy that depends on the task (check it with ``mimi eval
+            --backbone-dtype int8``). Every task's adapters, LoRA updates and head stay float32 side paths, so
+            tasks are added, replaced and removed as on a float32 bank. CPU only.
+        int8_engine: which library quantises an ``int8`` backbone (``quantize_dynamic`` or ``torchao``; default:
             the first of :data:`mimi.core.int8_backbone.ENGINES`, chosen by measuring them side by side).
 
     Raises:
@@ -116,9 +117,8 @@ class AdapterBank:
     ) -> None:
         check_strategy(mixed)
         self.device = resolve_device(device)
-        check_backbone_dtype(
-            backbone_dtype, self.device, int8_engine
-        )  # before the backbone is built: a bad flag costs nothing
+        # before the backbone is built: a bad flag costs nothing
+        check_backbone_dtype(backbone_dtype, self.device, int8_engine)
         if isinstance(backbone, str):
             model, self.weights_source = create_backbone(backbone, weights=weights, img_size=img_size)
             self.name: str | None = backbone
@@ -150,8 +150,8 @@ class AdapterBank:
         slots = {s.name.removesuffix(".adapter") for sites in self._sites.values() for s in sites.values()}
         # module objects, not paths: wrapping a branch must not change where a layer inside it is found
         self._parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in set(self._linears) | slots}
-        # once, before any task: the linear layers keep their modules (only their weights change), so the sites and
-        # LoRA targets recorded above still hold
+        # once, before any task: the sites and linear layers above are recorded as names and shapes, so they hold
+        # whether the engine swaps a layer's weight (torchao) or its module (quantize_dynamic)
         self.quantized: QuantizedBackbone = quantize_backbone(model, backbone_dtype, engine=int8_engine)
         self.backbone_dtype = backbone_dtype
         self._frozen = dict(model.named_parameters())  # by their bare names (references, no copies)
@@ -174,10 +174,9 @@ class AdapterBank:
     ) -> AdapterBank:
         """A bank on the backbone the task files record (model, weight source, resolution), holding them all.
 
-        ``backbone``, ``weights`` and ``img_size`` override what the files record; ``backbone_dtype`` and ``int8_engine``
-        as for the constructor. Raises :class:`ConfigError`
-        when no backbone is given and the files record none or different ones, and what :meth:`add` raises for a
-        bad file.
+        ``backbone``, ``weights`` and ``img_size`` override what the files record; ``backbone_dtype`` and
+        ``int8_engine`` are as for the constructor. Raises :class:`ConfigError` when no backbone is given and the
+        files record none or different ones, and what :meth:`add` raises for a bad file.
         """
         files = [read_task_file(p) for p in tasks.values()]
         rec = serving_backbone(files, backbone=backbone, weights=weights, img_size=img_size)
