@@ -22,7 +22,9 @@ def add_backbone_dtype_arg(p: argparse.ArgumentParser) -> None:
         "--backbone-dtype",
         choices=("float32", "int8"),
         default="float32",
-        help="float32 (default) or int8: the frozen backbone's linear layers quantised once at load (CPU only; about 2x the images/s, adapters and heads stay float32)",
+        help="float32 (default) or int8: the backbone's linear layers quantised once at load (CPU only; about 2x "
+        "the images/s; adapters and heads stay float32; the accuracy cost depends on the task: check it with "
+        "`mimi eval RUN --backbone-dtype int8`)",
     )
 
 
