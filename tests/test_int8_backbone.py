@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_vit
 from safetensors.torch import save_file
 from test_bank import bare, make_task
+from test_serve import _png, _post
 from vtab_fixture import write_vtab_task
 
 import mimi
@@ -197,16 +198,6 @@ def test_eval_and_predict_take_the_backbone_dtype(trained, tmp_path, capsys):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_serve_runs_an_int8_backbone_and_says_so(trained):
     _, files, _, _ = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -219,8 +210,8 @@ def test_serve_runs_an_int8_backbone_and_says_so(trained):
         assert lines[1].startswith("int8 backbone (quantize_dynamic)"), lines
         assert "(int8 backbone) at http://127.0.0.1:" in lines[2], lines
         url = lines[2].split(" at ")[1].split()[0]
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/predict?task=m", data=_png()), timeout=60) as r:
-            assert r.status == 200 and len(json.loads(r.read())["ids"]) == 1
+        status, got = _post(f"{url}/predict?task=m", _png(1))
+        assert status == 200 and len(got["ids"]) == 1
         with urllib.request.urlopen(f"{url}/health", timeout=60) as r:
             assert json.loads(r.read())["backbone_dtype"] == "int8"
         proc.send_signal(signal.SIGTERM)

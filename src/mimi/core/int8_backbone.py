@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mimi.core.adapters import Adapter, find_blocks
 from mimi.core.errors import ConfigError, ModelError
 
 #: ``backbone_dtype`` values: ``float32`` (the default: the backbone as trained) and ``int8``.
@@ -99,14 +100,12 @@ def backbone_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     patch embedding written as a linear layer). Told apart by module type, not by ``requires_grad``: a loaded run
     has every tensor frozen.
     """
-    from mimi.core.adapters import Adapter, find_blocks
-
     for block_name, block in find_blocks(model):
-        yield from _block_linears(block, block_name, Adapter)
+        yield from _block_linears(block, block_name)
 
 
-def _block_linears(module: nn.Module, prefix: str, adapter_type: type) -> Iterator[tuple[str, nn.Linear]]:
-    if isinstance(module, adapter_type):
+def _block_linears(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Linear]]:
+    if isinstance(module, Adapter):
         return
     if type(module) is nn.Linear:
         yield prefix, module
@@ -114,15 +113,11 @@ def _block_linears(module: nn.Module, prefix: str, adapter_type: type) -> Iterat
     base = next((a for a in ("base", "base_layer") if isinstance(getattr(module, a, None), nn.Module)), None)
     children = [(base, getattr(module, base))] if base else module.named_children()
     for name, child in children:
-        yield from _block_linears(child, f"{prefix}.{name}", adapter_type)
-
-
-def _weight_bytes(layers: list[nn.Linear]) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in layers)
+        yield from _block_linears(child, f"{prefix}.{name}")
 
 
 def quantize_backbone(model: nn.Module, dtype: str = "int8", *, engine: str | None = None) -> QuantizedBackbone:
-    """Quantise ``model``'s backbone linear layers (:func:`backbone_linears`) in place (``dtype="float32"`` leaves it as it is).
+    """Quantise ``model``'s backbone linear layers (:func:`backbone_linears`) in place; ``float32`` leaves them.
 
     Call it once, on the CPU, before inference; adapters and LoRA updates added later are float32 modules beside
     the quantised layers and are never touched.
@@ -139,7 +134,7 @@ def quantize_backbone(model: nn.Module, dtype: str = "int8", *, engine: str | No
     layers = dict(backbone_linears(model))
     if not layers:
         raise ModelError(f"{type(model).__name__} has no linear layer in transformer blocks to quantise")
-    before = _weight_bytes(list(layers.values()))
+    before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
     after = sum(m.weight.numel() + 4 * m.out_features for m in layers.values())  # int8 codes + a float32 scale per row
     if engine == "torchao":
         _torchao(model, set(map(id, layers.values())))
