@@ -12,7 +12,8 @@ measured in a fresh process per configuration.
 backbone is int8 (``AdapterBank(..., backbone_dtype="int8")``: int8 weights and dynamic int8 activations, default engine; task
 adapters float32), both holding the same 64 task files: images/s at batch 1, 8 and 64, with one task and with 64
 mixed tasks (each image of a batch a different task, cycling over the 64 across calls), 256 images per measurement;
-every (dtype, batch, mix) is timed once per round, in a rotated order (reversed every other round), 5 rounds. Reported:
+every (batch, mix) is timed once per round, the two banks' calls alternating one by one (each first in every other
+call: a slow spell of the machine lands on both), in a rotated order, 5 rounds. Reported:
 the median images/s; the int8 / float32 ratio of each round, its median and minimum over the rounds (the goal at
 batch 64: >= 1.7x in every round); the RSS of a fresh process holding each bank; the int8 bank's max |logit diff| and
 top-1 agreement against the float32 one. Written to benchmarks/results/perf/bank_int8[_quick].json.
@@ -249,13 +250,17 @@ def dtype_speed(args, paths: list[Path]) -> dict:
         cycled = [[tasks[(k * b + i) % n] for i in range(b)] for k in range(calls[b])]
         arg[(b, "mixed")] = [c[0] if b == 1 else c for c in cycled]
 
-    def measure(d: str, b: int, m: str) -> float:
-        bank, x = banks[d], xs[b]
-        t = time.perf_counter()
+    def measure(b: int, m: str, dtypes: list[str]) -> dict[str, float]:
+        """Images/s of each dtype on (batch, mix), their calls alternating one by one (each dtype first in every
+        other call), so that a slow spell of this shared machine lands on both and not on one."""
+        spent = dict.fromkeys(dtypes, 0.0)
         with torch.inference_mode():
-            for names in arg[(b, m)]:
-                bank.logits(x, names)
-        return calls[b] * b / (time.perf_counter() - t)
+            for k, names in enumerate(arg[(b, m)]):
+                for d in dtypes if k % 2 == 0 else dtypes[::-1]:
+                    t = time.perf_counter()
+                    banks[d].logits(xs[b], names)
+                    spent[d] += time.perf_counter() - t
+        return {d: calls[b] * b / seconds for d, seconds in spent.items()}
 
     # agreement on one mixed batch: int8 logits against float32 ones
     agree = {}
@@ -270,22 +275,22 @@ def dtype_speed(args, paths: list[Path]) -> dict:
             "max_abs_logit": max(float(r.abs().max()) for r in ref),
             "top1_agree": sum(int(r.argmax() == v.argmax()) for r, v in zip(ref, q)) / b,
         }
-    combos = [(d, b, m) for b in args.batches for m in DTYPE_MIXES for d in args.backbone_dtypes]
+    combos = [(b, m) for b in args.batches for m in DTYPE_MIXES]
+    dtypes = list(args.backbone_dtypes)
     for c in combos:  # warm-up, untimed: first calls of a shape and of a task layout are slower
-        measure(*c)
+        measure(*c, dtypes)
     rounds: list[dict] = []
     for r in range(args.rounds):
         shift = r * len(combos) // args.rounds
         order = combos[shift:] + combos[:shift]
-        if r % 2:
-            order = order[::-1]  # each dtype of a pair runs first in half the rounds
+        first = dtypes if r % 2 == 0 else dtypes[::-1]  # each dtype opens the pairs of half the rounds
         t, busy, own = time.perf_counter(), busy_seconds(), time.process_time()
-        ips = {"|".join(map(str, c)): measure(*c) for c in order}
+        ips = {f"{d}|{b}|{m}": v for b, m in order for d, v in measure(b, m, first).items()}
         wall = time.perf_counter() - t
         foreign = max(0.0, (busy_seconds() - busy - (time.process_time() - own)) / wall)
         rounds.append({"images_per_s": ips, "wall_s": wall, "foreign_cores": foreign})
         print(f"  round {r + 1}/{args.rounds}: {wall:.1f} s, other processes {foreign:.2f} cores")
-    keys = ["|".join(map(str, c)) for c in combos]
+    keys = [f"{d}|{b}|{m}" for b, m in combos for d in dtypes]
     median = {k: statistics.median(rd["images_per_s"][k] for rd in rounds) for k in keys}
     ratios = {}
     if {"float32", "int8"} <= set(banks):

@@ -61,7 +61,7 @@ def measure(rid: str, cfg: dict, grid: dict | None, *, runs: Path, files: Path) 
         bank.add("t", path)
         preds, labels = test_predictions(bank, run, batch)
         acc = float((preds == labels).float().mean())
-        row = {"test_acc": acc, "seconds": time.perf_counter() - start}
+        row = {"test_acc": acc, "seconds": time.perf_counter() - start, "backbone": bank.quantized.describe()}
         if reference is None:
             reference = (preds, acc)
         else:

@@ -12,9 +12,12 @@ backbone"; ViT-S/14 at 56 px, 2 cores: float32 123-160 images/s at batch 64):
 
 * ``quantize_dynamic`` (the default): PyTorch's ``torch.ao.quantization.quantize_dynamic`` with per-channel weights
   (fbgemm / oneDNN kernels; the activation scale is one per call, so an image's features depend slightly on the
-  other images of its batch). 1.8-1.9x float32 at batch 64, 2.2-2.9x at batch 1-8; the batch-wide scale costs
-  accuracy where DINOv2's outlier channels matter (0 points on two MiniVTAB tasks, 3.95 on fmnist_count,
-  ``benchmarks/int8_backbone.py``). PyTorch marks the API deprecated
+  other images of its batch). 1.8-1.9x float32 at batch 64, 2.2-2.9x at batch 1-8. PyTorch's module quantises
+  activations to 7 bits (``reduce_range=True``: CPUs without VNNI sum pairs of uint8 x int8 products in int16,
+  which 8 bits can overflow); on a CPU with VNNI (``torch.cpu._is_vnni_supported()``, AVX512-VNNI or AVX-VNNI) the
+  products accumulate in int32, so :class:`FullRangeDynamicLinear` uses all 8 bits, at the same speed. That bit is
+  what DINOv2's outlier channels need: on fmnist_count 3.95 points lost with 7 bits, 0.35 with 8
+  (``benchmarks/int8_backbone.py``). PyTorch marks the API deprecated
   in favour of torchao, whose CPU path below is not yet faster than float32 without ``torch.compile``; the choice
   lives here alone, so changing it later changes one function.
 * ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` (one activation scale per row: an image's
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
 
 from mimi.core.adapters import Adapter, find_blocks
 from mimi.core.errors import ConfigError, ModelError
@@ -56,6 +60,7 @@ class QuantizedBackbone:
     layers: int
     float_bytes: int
     int8_bytes: int
+    activation_bits: int = 8
 
     def describe(self) -> str:
         """One line for start-up output: ``int8 backbone (quantize_dynamic): 48 linear layers, weights 84.9 MB ...``."""
@@ -64,7 +69,8 @@ class QuantizedBackbone:
         mb = 1e6
         return (
             f"int8 backbone ({self.engine}): {self.layers} linear layers, weights {self.float_bytes / mb:.1f} MB -> "
-            f"{self.int8_bytes / mb:.1f} MB; adapters, LoRA and heads stay float32"
+            f"{self.int8_bytes / mb:.1f} MB, {self.activation_bits}-bit activations; adapters, LoRA and heads stay "
+            "float32"
         )
 
 
@@ -136,11 +142,12 @@ def quantize_backbone(model: nn.Module, dtype: str = "int8", *, engine: str | No
         raise ModelError(f"{type(model).__name__} has no linear layer in transformer blocks to quantise")
     before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
     after = sum(m.weight.numel() + 4 * m.out_features for m in layers.values())  # int8 codes + a float32 scale per row
+    bits = 8
     if engine == "torchao":
         _torchao(model, set(map(id, layers.values())))
     else:
-        _quantize_dynamic(model, layers)
-    return QuantizedBackbone("int8", engine, len(layers), before, after)
+        bits = _quantize_dynamic(model, layers)
+    return QuantizedBackbone("int8", engine, len(layers), before, after, bits)
 
 
 def _torchao(model: nn.Module, ids: set[int]) -> None:
@@ -162,3 +169,29 @@ def _quantize_dynamic(model: nn.Module, layers: dict[str, nn.Linear]) -> None:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore")
         quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in layers}, inplace=True)
+    if not vnni():
+        return 7
+    for name in layers:
+        model.get_submodule(name).__class__ = FullRangeDynamicLinear
+    return 8
+
+
+def vnni() -> bool:
+    """Whether this CPU multiplies uint8 x int8 with int32 accumulation (AVX512-VNNI or AVX-VNNI)."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check and check())
+
+
+class FullRangeDynamicLinear(nnqd.Linear):
+    """PyTorch's dynamic int8 linear layer with 8-bit activations (``reduce_range=False``), for CPUs with VNNI.
+
+    Without VNNI, x86 int8 kernels add pairs of uint8 x int8 products in int16 (``vpmaddubsw``), which saturates
+    unless activations keep to 7 bits; PyTorch's module always asks for 7. VNNI accumulates in int32, so the eighth
+    bit is free: half the activation rounding error at the same speed.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_params
+        if packed.dtype != torch.qint8:
+            return super().forward(x)
+        return torch.ops.quantized.linear_dynamic(x, packed._packed_params, reduce_range=False).to(x.dtype)
