@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch/torchvision pinned first: on the project's machines pip takes them from local disk.
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev,offline,peft,serve,int8]"
+	$(PIP) install -q -e ".[dev,offline,peft,serve,int8,hf]"
 	touch $@
 
 venv install: $(VENV)/.installed

@@ -18,6 +18,7 @@ HEAVY = (
     "onnxruntime",
     "matplotlib",
     "peft",
+    "transformers",
     "mimi.deploy",
     "mimi.methods",
     "mimi.training",

@@ -1,4 +1,5 @@
-"""Backbones: any timm model by name, with weights from timm's usual sources, a local file, or an importer."""
+"""Backbones: any timm model by name, with weights from timm's usual sources, a local file, or an importer; and
+``transformers`` vision models by ``transformers:ORG/NAME`` or ``transformers:PATH`` (:mod:`mimi.backbones.hf`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import timm
+import torch
 from timm.data import resolve_data_config
 from torch import nn
 
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 # Named offline weight sources: name -> (timm model they fit, function returning the weight file path).
 IMPORTERS: dict[str, tuple[str, str]] = {
     "imgfocus": ("vit_small_patch14_dinov2", "mimi.importers.imgfocus:import_imgfocus"),
+}
+# The same sources for transformers models: name -> (the model they fit, function returning a save_pretrained folder).
+TRANSFORMERS_IMPORTERS: dict[str, tuple[str, str]] = {
+    "imgfocus": ("transformers:facebook/dinov2-small", "mimi.importers.imgfocus:transformers_folder"),
 }
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
@@ -61,7 +67,7 @@ def _from_importer(source: str, name: str, num_classes: int, kw: dict[str, Any])
 def check_weights_source(weights: str | None) -> None:
     """Raise unless ``weights`` is a known source name or an existing file of a supported type."""
     w = (weights or "none").strip()
-    if w in ("none", "auto", "hub") or w in IMPORTERS:
+    if w in ("none", "auto", "hub") or w in IMPORTERS or w in TRANSFORMERS_IMPORTERS:
         return
     path = Path(w).expanduser()
     if path.suffix not in _FILE_SUFFIXES:
@@ -165,7 +171,8 @@ def create_backbone(
     """Build a timm model and load its weights.
 
     Args:
-        name: any timm model name (``vit_base_patch16_224.augreg_in21k``, ``vit_small_patch14_dinov2``, ...).
+        name: any timm model name (``vit_base_patch16_224.augreg_in21k``, ``vit_small_patch14_dinov2``, ...), or a
+            ``transformers`` one: ``transformers:ORG/NAME`` or ``transformers:PATH`` (:mod:`mimi.backbones.hf`).
         weights: ``auto`` (hub/cache if reachable, else random init with a warning), ``hub`` (hub/cache or
             fail), ``none`` (random init), a registered importer (``imgfocus``), or a path to a
             ``.safetensors`` / ``.pth`` / ``.bin`` / ``.npz`` file.
@@ -176,6 +183,8 @@ def create_backbone(
     Returns:
         ``(model, source)`` where ``source`` says where the weights came from.
     """
+    if name.startswith("transformers:"):
+        return _transformers(name, weights, num_classes, img_size, model_kwargs)
     kw = _kwargs(img_size, model_kwargs)
     w = (weights or "none").strip()
     if w == "none":
@@ -185,6 +194,39 @@ def create_backbone(
     if w in ("auto", "hub"):
         return _from_hub(name, num_classes, kw, strict=w == "hub")
     return _from_file(Path(w).expanduser(), name, num_classes, kw), str(Path(w).expanduser())
+
+
+def _transformers(
+    name: str, weights: str | None, num_classes: int, img_size: int | None, model_kwargs: dict[str, Any] | None
+) -> tuple[nn.Module, str]:
+    import importlib
+
+    from mimi.backbones.hf import create_transformers_backbone
+
+    if model_kwargs:
+        raise ConfigError(f"--model-kwargs are timm's create_model arguments; {name} takes none")
+    w = (weights or "none").strip()
+    if w in TRANSFORMERS_IMPORTERS:
+        fits, target = TRANSFORMERS_IMPORTERS[w]
+        if name != fits:
+            raise BackboneError(f"--weights {w} holds weights for {fits}, not {name}; pass --model {fits}")
+        module, func = target.split(":")
+        folder = getattr(importlib.import_module(module), func)()
+        # on the meta device (a preflight's architecture check) the folder's config alone, no weights read
+        load = "none" if torch.empty(0).device.type == "meta" else "auto"
+        model, _ = create_transformers_backbone(
+            name, weights=load, num_classes=num_classes, img_size=img_size, folder=folder
+        )
+        return model, w
+    return create_transformers_backbone(name, weights=w, num_classes=num_classes, img_size=img_size)
+
+
+def architecture_weights(name: str, weights: str | None) -> str:
+    """The ``weights`` that build ``name``'s architecture alone (for checks on the meta device): ``none``, except
+    for a ``transformers`` model named after an importer's, whose config lives in the importer's folder."""
+    if name.startswith("transformers:") and (weights or "").strip() in TRANSFORMERS_IMPORTERS:
+        return weights.strip()
+    return "none"
 
 
 def preprocessing(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

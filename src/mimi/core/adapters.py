@@ -1,4 +1,5 @@
-"""Bottleneck adapters inserted into any timm model whose blocks expose ``attn`` and ``mlp``.
+"""Bottleneck adapters inserted into any transformer whose blocks :mod:`mimi.core.layouts` describes (timm's ``attn`` and
+``mlp``, ``transformers``' ``attention`` / ``self_attn`` and ``mlp``).
 
 The backbone is never copied: each adapted branch module is wrapped in place by an
 :class:`AdaptedBranch` that holds the original module and an :class:`Adapter`.
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from mimi.core.errors import ConfigError, ModelError
+from mimi.core.layouts import block_layout
 from mimi.core.modules import classifier
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
@@ -186,47 +188,58 @@ class AdaptedBranch(nn.Module):
         self.placement = placement
         self.config = config
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.branch(x, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        # A branch is called as its block calls it: timm passes x, transformers' CLIP passes hidden_states= only,
+        # and transformers' attention modules return (output, weights): the adapter sees the output alone.
+        x = args[0] if args else kwargs["hidden_states"]
+        y = self.branch(*args, **kwargs)
+        rest = None
+        if isinstance(y, tuple):
+            y, rest = y[0], y[1:]
         out = self.adapter(y if self.placement == "sequential" else x)
         if out.dtype != y.dtype:  # autocast: let the sum promote as usual
-            return y + out
-        # The adapter's output is a fresh tensor that nothing saved for backward: add the branch into it in place
-        # (one allocation less per site; a + b == b + a bit for bit).
-        return out.add_(y)
+            out = y + out
+        else:
+            # The adapter's output is a fresh tensor that nothing saved for backward: add the branch into it in
+            # place (one allocation less per site; a + b == b + a bit for bit).
+            out = out.add_(y)
+        return out if rest is None else (out, *rest)
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def _is_block(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "attn", None), nn.Module) and isinstance(getattr(module, "mlp", None), nn.Module)
-
-
 def _slot(block: nn.Module, role: str, placement: str) -> str:
     """Attribute of the block to wrap: the branch output after any LayerScale (sequential), else the branch."""
+    layout = block_layout(block)
     if "." in role:  # a layer inside a branch: wrapped where it is
-        return role
-    scaled = {"attn": "ls1", "mlp": "ls2"}[role]
-    if placement == "sequential" and isinstance(getattr(block, scaled, None), nn.Module):
+        names = layout.layer_names(role) if layout else (role,)
+        if len(names) != 1:
+            raise ModelError(f"{role} is {len(names)} layers in {type(block).__name__} ({', '.join(names)}); name one")
+        return names[0]
+    scaled = layout.scale(role)
+    if placement == "sequential" and scaled and isinstance(getattr(block, scaled, None), nn.Module):
         return scaled
-    return role
+    return layout.branch(role)
 
 
 def _branch_dims(block: nn.Module, role: str) -> tuple[int, int]:
+    layout = block_layout(block)
+    name = _slot(block, role, "parallel") if layout else role
     try:
-        lins = _linears(block.get_submodule(role))
+        lins = _linears(block.get_submodule(name))
     except AttributeError as e:
-        raise ModelError(f"{type(block).__name__} has no submodule {role!r} to put an adapter on") from e
+        raise ModelError(f"{type(block).__name__} has no submodule {name!r} to put an adapter on") from e
     if not lins:
-        raise ModelError(f"cannot find the width of {type(block).__name__}.{role}: it holds no nn.Linear")
+        raise ModelError(f"cannot find the width of {type(block).__name__}.{name}: it holds no nn.Linear")
     return lins[0].in_features, lins[-1].out_features
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Transformer blocks of a timm model: modules with both ``attn`` and ``mlp`` children."""
-    return [(name, m) for name, m in model.named_modules() if _is_block(m)]
+    """Transformer blocks of a model: modules with both branch children of a :mod:`mimi.core.layouts` layout (timm's
+    ``attn`` and ``mlp``, ``transformers``' ``attention`` or ``self_attn`` and ``mlp``)."""
+    return [(name, m) for name, m in model.named_modules() if block_layout(m) is not None]
 
 
 @dataclass(frozen=True)
@@ -260,11 +273,14 @@ def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[AdapterSite]:
     if not blocks:
         raise ModelError(
             f"{type(model).__name__} has no transformer block with 'attn' and 'mlp' submodules; "
-            "use a ViT-family timm model (vit_*, deit_*, swin_*, ...)"
+            "use a ViT-family timm model (vit_*, deit_*, swin_*, ...) or a transformers one (transformers:NAME)"
         )
     sites = []
     for block_name, block in blocks:
-        for role in config.targets:
+        layout = block_layout(block)
+        # a layer target is each layer the block has under that timm name (transformers splits attn.qkv in three)
+        roles = [r for t in config.targets for r in (layout.layer_names(t) if "." in t else (t,))]
+        for role in roles:
             in_dim, out_dim = _branch_dims(block, role)
             if config.placement == "sequential":
                 in_dim = out_dim  # the adapter reads the branch output

@@ -16,9 +16,7 @@ from torch import nn
 
 from mimi.core.adapters import AdaptedBranch, find_blocks, freeze_backbone
 from mimi.core.errors import ConfigError, ModelError
-
-DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
+from mimi.core.layouts import block_layout
 
 DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -103,16 +101,18 @@ def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> 
         raise ModelError(f"{type(model).__name__} has no transformer block with 'attn' and 'mlp'; LoRA needs one")
     found = []
     for block_name, block in blocks:
+        layout = block_layout(block)
         for target in targets:
-            try:
-                layer = block.get_submodule(target)
-            except AttributeError as e:
-                raise ModelError(f"block {block_name!r} has no submodule {target!r} to adapt with LoRA") from e
-            layer = layer.base if isinstance(layer, LoRALinear) else layer
-            layer = layer.branch if isinstance(layer, AdaptedBranch) else layer  # mimi-lora wraps it
-            if not isinstance(layer, nn.Linear):
-                raise ModelError(f"{block_name}.{target} is a {type(layer).__name__}, LoRA needs an nn.Linear")
-            found.append((f"{block_name}.{target}", layer))
+            for name in layout.layer_names(target):  # timm's attn.qkv is q_proj, k_proj and v_proj in transformers
+                try:
+                    layer = block.get_submodule(name)
+                except AttributeError as e:
+                    raise ModelError(f"block {block_name!r} has no submodule {name!r} to adapt with LoRA") from e
+                layer = layer.base if isinstance(layer, LoRALinear) else layer
+                layer = layer.branch if isinstance(layer, AdaptedBranch) else layer  # mimi-lora wraps it
+                if not isinstance(layer, nn.Linear):
+                    raise ModelError(f"{block_name}.{name} is a {type(layer).__name__}, LoRA needs an nn.Linear")
+                found.append((f"{block_name}.{name}", layer))
     return found
 
 

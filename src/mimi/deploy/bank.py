@@ -34,6 +34,7 @@ from mimi.core.adapters import (
 from mimi.core.device import resolve_device
 from mimi.core.errors import CheckpointError, ConfigError, DataError, ModelError
 from mimi.core.int8_backbone import QuantizedBackbone, check_backbone_dtype, quantize_backbone
+from mimi.core.layouts import block_layout
 from mimi.core.lora import LoRALinear
 from mimi.core.modules import architecture_of
 from mimi.core.taskfile import backbone_fingerprint, model_architecture, unit_sizes
@@ -51,7 +52,7 @@ def _all_sites(model: nn.Module, placement: str) -> dict[str, AdapterSite]:
     targets = {"attn", "mlp"}
     for _, block in blocks:
         for role in ("attn", "mlp"):
-            branch = getattr(block, role)
+            branch = block.get_submodule(block_layout(block).branch(role))  # attn, or transformers' attention
             targets |= {f"{role}.{n}" for n, m in branch.named_modules() if n and isinstance(m, nn.Linear)}
     sites = {}
     for target in sorted(targets):

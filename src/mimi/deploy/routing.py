@@ -212,8 +212,16 @@ class BankSite(nn.Module):
         self._signatures: dict[str, tuple[str, str] | None] = {}
         self._layouts: OrderedDict[tuple[str, ...], list[tuple[str, _Stack]] | None] = OrderedDict()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.branch(x, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        # called as the block calls its branch (x, or hidden_states= alone); a transformers attention module
+        # returns (output, weights), and only the output gets the tasks' adapters
+        x = args[0] if args else kwargs["hidden_states"]
+        y = self.branch(*args, **kwargs)
+        if isinstance(y, tuple):
+            return (self._add(x, y[0]), *y[1:])
+        return self._add(x, y)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = self.router
         if r.single is not None:
             if r.single not in self.adapters:

