@@ -16,7 +16,7 @@ import mimi  # noqa: E402
 from mimi.backbones import create_backbone, model_img_size, preprocessing  # noqa: E402
 from mimi.cli import main  # noqa: E402
 from mimi.core.adapters import AdapterConfig, adapters, add_adapters, find_blocks, remove_adapter  # noqa: E402
-from mimi.core.errors import BackboneError, ConfigError  # noqa: E402
+from mimi.core.errors import BackboneError, CheckpointError, ConfigError  # noqa: E402
 from mimi.core.lora import add_lora, lora_targets  # noqa: E402
 from mimi.trainer import load_run  # noqa: E402
 
@@ -162,6 +162,14 @@ def test_a_mimi_run_prunes_resumes_exports_and_serves_from_a_bank(folders, data,
         torch.testing.assert_close(bank.logits(x, "t"), want, atol=1e-5, rtol=1e-5)
         mixed = bank.logits(x, ["t", "u"] * 3)  # one backbone pass, two tasks
     torch.testing.assert_close(torch.stack(list(mixed)), want, atol=1e-5, rtol=1e-5)
+    int8 = mimi.AdapterBank.from_task_files({"t": task}, device="cpu", backbone_dtype="int8")
+    assert int8.quantized.layers == 6 * BLOCKS[family]  # q, k, v, output, fc1, fc2 of every block
+    with torch.inference_mode():
+        assert int8.logits(x, "t").shape == want.shape
+    other = "vit" if family != "vit" else "deit"
+    with pytest.raises(CheckpointError) as e:  # a bank of another backbone names both
+        mimi.AdapterBank(f"transformers:{folders[other]}", device="cpu").add("t", task)
+    assert f"transformers:{folders[family]}" in str(e.value) and f"transformers:{folders[other]}" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -217,3 +225,62 @@ def test_timm_dinov2_weights_renamed_for_transformers_give_the_same_features():
     x = torch.randn(4, 3, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), timm_model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_killed_run_resumes_to_the_unbroken_result(folders, data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    def argv(out):
+        return [
+            "train", "--model", f"transformers:{folders['swin']}", *COMMON.split(), "--data-root", str(data),
+            "--method", "mimi", "--adapter-dim", "8", "--budget-params", "300", "--rho", "0.5", "--epochs", "1",
+            "--first-epochs", "2", "--lr", "3e-3", "--out", str(out),
+        ]  # fmt: skip
+
+    assert main(argv(tmp_path / "unbroken")) == 0
+    here = Path(__file__).parent
+    cmd = [sys.executable, str(here / "kill_at.py"), "after-prune", "1", "--", *argv(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really killed right after the first cut
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    want, got = (load_file(str(tmp_path / r / "adapters.safetensors")) for r in ("unbroken", "run"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_a_peft_folder_opens_on_the_transformers_model_itself(folders, data, tmp_path, family):
+    peft = pytest.importorskip("peft", reason="the [peft] extra is not installed")
+    from safetensors.torch import load_file
+
+    out, folder = tmp_path / "run", tmp_path / "peft"
+    argv = [
+        "train", "--model", f"transformers:{folders[family]}", *COMMON.split(), "--data-root", str(data),
+        "--method", "lora", "--adapter-dim", "2", "--epochs", "2", "--first-epochs", "2", "--lr", "1e-2",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["export", str(out), "--peft", str(folder)]) == 0
+    run = load_run(out, device="cpu")
+    x = torch.stack([run.task.test[i][0] for i in range(6)])
+    with torch.inference_mode():
+        want = run.model.eval()(x)
+    kwargs = {"add_pooling_layer": False} if family == "vit" else {}
+    base = getattr(transformers, CLASSES[family]).from_pretrained(folders[family], **kwargs)
+    model = peft.PeftModel.from_pretrained(base, folder).eval()  # the transformers model, not mimi's wrapper
+    tuned = [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(tuned) == 6 * BLOCKS[family] and not any(n.startswith("base_model.model.model.") for n in tuned)
+    head = {
+        k.rsplit(".", 1)[1]: t for k, t in load_file(str(folder / "adapter_model.safetensors")).items() if ".head." in k
+    }
+    with torch.inference_mode():
+        out_ = model(pixel_values=x)
+        feats = out_.last_hidden_state[:, 0] if family == "vit" else out_.pooler_output
+        logits = feats @ head["weight"].T + head["bias"]
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    bank = mimi.AdapterBank.from_task_files({"t": folder}, device="cpu")  # and mimi serves the folder back
+    with torch.inference_mode():
+        torch.testing.assert_close(bank.logits(x, "t"), want, atol=1e-5, rtol=1e-5)

@@ -173,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from mimi.core.files import atomic_write_text
     from mimi.core.taskfile import save_adapters
-    from mimi.deploy.peft_folder import lora_parts, write_peft_folder
+    from mimi.deploy.peft_folder import for_transformers, lora_parts, write_peft_folder
     from mimi.reporting.card import base_model, facts_from_run, render_card
     from mimi.trainer import load_run
     from mimi.training.run import task_metadata
@@ -190,6 +190,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.peft is not None:  # refused before anything is written
         try:
             parts = lora_parts(run.model, method=f"method {run.cfg.method}")
+            if run.cfg.model.startswith("transformers:"):
+                parts = for_transformers(parts)
         except ConfigError as e:
             raise ConfigError(f"{args.run_dir}: {e}") from e
     if args.out is not None:

@@ -14,5 +14,8 @@ def classifier(model: nn.Module) -> nn.Module | None:
 
 def architecture_of(model_name: str | None) -> str | None:
     """The timm architecture of a model name, without its pretrained tag:
-    ``vit_small_patch14_dinov2.lvd142m`` -> ``vit_small_patch14_dinov2``."""
+    ``vit_small_patch14_dinov2.lvd142m`` -> ``vit_small_patch14_dinov2``; a ``transformers:`` name (a Hub id or a
+    folder, whose dots are not tags) as it is."""
+    if model_name and model_name.startswith("transformers:"):
+        return model_name
     return model_name.split(".")[0] if model_name else None

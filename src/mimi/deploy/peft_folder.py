@@ -162,6 +162,18 @@ def lora_parts(model: nn.Module, *, method: str = "this method") -> LoRAParts:
     return parts
 
 
+#: The name of the ``transformers`` model inside mimi's wrapper of it (``mimi.backbones.hf.TransformersBackbone``).
+TRANSFORMERS_INNER = "model."
+
+
+def for_transformers(parts: LoRAParts) -> LoRAParts:
+    """``parts`` of a model on a ``transformers`` backbone, named as the ``transformers`` model itself names its
+    layers (``layers.0.attention.q_proj``), so that ``PeftModel.from_pretrained`` opens the folder on it. The head
+    is not part of that model: it stays in the folder (``base_model.model.head.*``), which PEFT leaves aside."""
+    layers = {n.removeprefix(TRANSFORMERS_INNER): t for n, t in parts.layers.items()}
+    return LoRAParts(layers, parts.head_name, parts.head)
+
+
 def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -389,6 +401,9 @@ def read_peft_folder(path: str | Path) -> TaskFile:
         raise CheckpointError(f"{weights}: metadata entry {META_KEY!r} is not valid JSON ({e.msg})") from e
     num_classes = int(head["weight"].shape[0])
     model = task.get("model") or _model_name(cfg.get("base_model_name_or_path"))
+    if model and model.startswith("transformers:"):  # layers named as in the transformers model: mimi wraps it
+        lora = {n if n.startswith(TRANSFORMERS_INNER) else TRANSFORMERS_INNER + n: t for n, t in lora.items()}
+        layout = {n if n.startswith(TRANSFORMERS_INNER) else TRANSFORMERS_INNER + n: t for n, t in layout.items()}
     img = str(task.get("img_size", ""))
     auto = cfg.get("auto_mapping") or {}
     return TaskFile(

@@ -86,7 +86,10 @@ def hub_license(recorded: str | None) -> str | None:
 
 
 def base_model(model: str) -> str:
-    """The backbone as a Hub id: timm's models live under ``timm/``."""
+    """The backbone as a Hub id: timm's models live under ``timm/``; a ``transformers:`` model is its Hub id (or
+    folder) itself."""
+    if model.startswith("transformers:"):
+        return model.removeprefix("transformers:")
     return model if "/" in model else f"timm/{model}"
 
 
