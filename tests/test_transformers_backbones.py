@@ -174,7 +174,21 @@ def test_a_mimi_run_prunes_resumes_exports_and_serves_from_a_bank(folders, data,
 
 @pytest.mark.parametrize(
     "method",
-    ["adapter", "adaptformer", "bitfit", "linear", "lora", "mimi-lora", "peft-lora", "fact-tt", "ssf", "full"],
+    [
+        "adapter",
+        "adaptformer",
+        "bitfit",
+        "linear",
+        "lora",
+        "mimi-lora",
+        "mimi-oneshot",
+        "peft-lora",
+        "peft-adalora",
+        "peft-vera",
+        "fact-tt",
+        "ssf",
+        "full",
+    ],
 )
 def test_every_method_trains_on_a_transformers_backbone(folders, data, tmp_path, method):
     extra = {
@@ -183,6 +197,8 @@ def test_every_method_trains_on_a_transformers_backbone(folders, data, tmp_path,
         "lora": "--adapter-dim 2",
         "mimi-lora": "--budget-params 400",
         "fact-tt": "--budget-params 2000",
+        "mimi-oneshot": "--adapter-dim 8 --budget-params 300",
+        "peft-vera": """--method-kwargs {"rank":4}""",
     }.get(method, "")
     argv = [
         "train", "--model", f"transformers:{folders['vit']}", *COMMON.split(), "--data-root", str(data),
@@ -284,3 +300,20 @@ def test_a_peft_folder_opens_on_the_transformers_model_itself(folders, data, tmp
     bank = mimi.AdapterBank.from_task_files({"t": folder}, device="cpu")  # and mimi serves the folder back
     with torch.inference_mode():
         torch.testing.assert_close(bank.logits(x, "t"), want, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_and_predict_on_a_transformers_backbone(folders, data, tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model", f"transformers:{folders['dinov2']}", *COMMON.split(), "--data-root", str(data),
+        "--method", "mimi", "--adapter-dim", "8", "--budget-params", "300", "--rho", "0.5", "--epochs", "1",
+        "--first-epochs", "2", "--distill", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    task = tmp_path / "task.safetensors"
+    assert main(["export", str(out), "--out", str(task), "--dtype", "int8"]) == 0
+    preds = tmp_path / "preds.jsonl"
+    images = data / "toy" / "images"
+    argv = ["predict", "--task", f"t={task}", "--images", str(images), "--out", str(preds), "--device", "cpu"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert len(preds.read_text().splitlines()) == len(list(images.iterdir()))
