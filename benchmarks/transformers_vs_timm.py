@@ -49,13 +49,18 @@ def features(args) -> dict:
     out = {}
     for size in args.sizes:
         x = images(args, size)
-        feats = {}
+        feats, classes = {}, {}
         for name in (TIMM, HF):
             model, _ = create_backbone(name, weights="imgfocus", img_size=size)
             feats[name] = model.eval()(x)
+            inner = getattr(model, "model", None)  # the transformers model inside mimi's wrapper
+            classes[name] = f"{type(model).__module__}.{type(model).__name__}" + (
+                f" holding {type(inner).__module__}.{type(inner).__name__}" if inner is not None else ""
+            )
         diff = (feats[TIMM] - feats[HF]).abs()
         out[str(size)] = {
             "images": len(x),
+            "models": classes,
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
             "max_abs_feature": float(feats[TIMM].abs().max()),

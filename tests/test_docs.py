@@ -151,6 +151,16 @@ def _public():
 def test_every_public_name_has_a_docstring():
     missing = [name for name, obj in _public() if not isinstance(obj, dict) and not (inspect.getdoc(obj) or "").strip()]
     assert not missing, f"public names without a docstring: {missing}"
+    # one style, Google's (``Args:``, ``Returns:``, ``Raises:``), which the API pages are rendered with: no NumPy
+    # sections (a title underlined with dashes) and no reST field lists
+    numpy = re.compile(r"^\s*(Parameters|Returns|Raises|Yields|Attributes)\s*\n\s*-{3,}\s*$", re.M)
+    rest = re.compile(r"^\s*:(param|returns?|raises?|type|rtype)\b", re.M)
+    other = [
+        name
+        for name, obj in _public()
+        if numpy.search(inspect.getdoc(obj) or "") or rest.search(inspect.getdoc(obj) or "")
+    ]
+    assert not other, f"docstrings not in Google style: {other}"
 
 
 def test_the_readme_is_a_front_page():
