@@ -18,7 +18,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from mimi.core.errors import BackboneError, ConfigError
-from mimi.core.modules import classifier
+from mimi.core.modules import classifier, is_transformers
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def create_backbone(
     Returns:
         ``(model, source)`` where ``source`` says where the weights came from.
     """
-    if name.startswith("transformers:"):
+    if is_transformers(name):
         return _transformers(name, weights, num_classes, img_size, model_kwargs)
     kw = _kwargs(img_size, model_kwargs)
     w = (weights or "none").strip()
@@ -224,7 +224,7 @@ def _transformers(
 def architecture_weights(name: str, weights: str | None) -> str:
     """The ``weights`` that build ``name``'s architecture alone (for checks on the meta device): ``none``, except
     for a ``transformers`` model named after an importer's, whose config lives in the importer's folder."""
-    if name.startswith("transformers:") and (weights or "").strip() in TRANSFORMERS_IMPORTERS:
+    if is_transformers(name) and (weights or "").strip() in TRANSFORMERS_IMPORTERS:
         return weights.strip()
     return "none"
 

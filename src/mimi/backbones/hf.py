@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from mimi.core.errors import BackboneError, ConfigError
+from mimi.core.modules import TRANSFORMERS_PREFIX as PREFIX
 
-PREFIX = "transformers:"
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -57,11 +57,6 @@ FAMILIES: dict[str, Family] = {
     "clip_vision_model": Family("CLIP vision", "CLIPVisionModel", "pooler", True),
     "clip": Family("CLIP vision", "CLIPVisionModel", "pooler", True),
 }
-
-
-def is_transformers(name: str | None) -> bool:
-    """Whether a model name asks for a ``transformers`` backbone (``transformers:...``)."""
-    return bool(name) and name.startswith(PREFIX)
 
 
 @contextlib.contextmanager
@@ -124,14 +119,16 @@ def _config(transformers, source: str, *, local_only: bool):
     return config, family
 
 
-def _mean_std(transformers, source: str, *, local_only: bool) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
-    """The image processor's mean and std, and whether it had them (else ImageNet's, with a warning)."""
+def _mean_std(transformers, source: str, *, local_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image processor's mean and std; ImageNet's, with a warning, where the model has no image processor."""
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-        mean, std = processor.image_mean, processor.image_std
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std), True
-    except (OSError, ValueError, AttributeError, TypeError):
-        return *_IMAGENET, False
+        return tuple(float(v) for v in processor.image_mean), tuple(float(v) for v in processor.image_std)
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        logging.getLogger(__name__).warning(
+            "%s has no image processor with a mean and std (%s): using ImageNet's", source, type(e).__name__
+        )
+        return _IMAGENET
 
 
 class TransformersBackbone(nn.Module):
@@ -247,7 +244,7 @@ def create_transformers_backbone(
         else:
             model, where = cls(config, **family.load_kwargs), str(Path(w).expanduser())
             _load_file(model, Path(w).expanduser(), name)
-    mean, std, _ = _mean_std(transformers, source, local_only=local_only)
+    mean, std = _mean_std(transformers, source, local_only=local_only)
     model.eval()
     backbone = TransformersBackbone(
         model, family, name=name, img_size=size, mean=mean, std=std, num_classes=num_classes

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mimi.cli.command import Command
 from mimi.core.errors import ConfigError
+from mimi.core.modules import is_transformers
 
 
 def _info_setup(p: argparse.ArgumentParser) -> None:
@@ -190,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.peft is not None:  # refused before anything is written
         try:
             parts = lora_parts(run.model, method=f"method {run.cfg.method}")
-            if run.cfg.model.startswith("transformers:"):
+            if is_transformers(run.cfg.model):
                 parts = for_transformers(parts)
         except ConfigError as e:
             raise ConfigError(f"{args.run_dir}: {e}") from e

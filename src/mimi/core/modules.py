@@ -12,10 +12,19 @@ def classifier(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+#: The prefix of a model name that asks for a Hugging Face ``transformers`` backbone (``transformers:ORG/NAME``).
+TRANSFORMERS_PREFIX = "transformers:"
+
+
+def is_transformers(model_name: str | None) -> bool:
+    """Whether a model name asks for a ``transformers`` backbone (``transformers:ORG/NAME`` or ``transformers:PATH``)."""
+    return bool(model_name) and model_name.startswith(TRANSFORMERS_PREFIX)
+
+
 def architecture_of(model_name: str | None) -> str | None:
     """The timm architecture of a model name, without its pretrained tag:
     ``vit_small_patch14_dinov2.lvd142m`` -> ``vit_small_patch14_dinov2``; a ``transformers:`` name (a Hub id or a
     folder, whose dots are not tags) as it is."""
-    if model_name and model_name.startswith("transformers:"):
+    if is_transformers(model_name):
         return model_name
     return model_name.split(".")[0] if model_name else None

@@ -33,7 +33,7 @@ from mimi.core.adapters import AdaptedBranch
 from mimi.core.errors import CheckpointError, ConfigError
 from mimi.core.files import atomic_write_dir
 from mimi.core.lora import LoRALinear
-from mimi.core.modules import architecture_of, classifier
+from mimi.core.modules import architecture_of, classifier, is_transformers
 from mimi.core.taskfile import load_tensors
 from mimi.deploy.tasks import TaskFile
 
@@ -401,7 +401,7 @@ def read_peft_folder(path: str | Path) -> TaskFile:
         raise CheckpointError(f"{weights}: metadata entry {META_KEY!r} is not valid JSON ({e.msg})") from e
     num_classes = int(head["weight"].shape[0])
     model = task.get("model") or _model_name(cfg.get("base_model_name_or_path"))
-    if model and model.startswith("transformers:"):  # layers named as in the transformers model: mimi wraps it
+    if is_transformers(model):  # layers named as in the transformers model: mimi wraps it
         lora = {n if n.startswith(TRANSFORMERS_INNER) else TRANSFORMERS_INNER + n: t for n, t in lora.items()}
         layout = {n if n.startswith(TRANSFORMERS_INNER) else TRANSFORMERS_INNER + n: t for n, t in layout.items()}
     img = str(task.get("img_size", ""))

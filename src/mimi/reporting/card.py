@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from mimi.core.modules import TRANSFORMERS_PREFIX, is_transformers
+
 # Licence identifiers the Hub knows, as a data source may spell them (``CC-BY-NC-SA-4.0 (non-commercial...)``).
 HUB_LICENSES = {
     "mit",
@@ -88,8 +90,8 @@ def hub_license(recorded: str | None) -> str | None:
 def base_model(model: str) -> str:
     """The backbone as a Hub id: timm's models live under ``timm/``; a ``transformers:`` model is its Hub id (or
     folder) itself."""
-    if model.startswith("transformers:"):
-        return model.removeprefix("transformers:")
+    if is_transformers(model):
+        return model.removeprefix(TRANSFORMERS_PREFIX)
     return model if "/" in model else f"timm/{model}"
 
 
