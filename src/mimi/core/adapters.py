@@ -211,10 +211,11 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
 
 
 def _slot(block: nn.Module, role: str, placement: str) -> str:
-    """Attribute of the block to wrap: the branch output after any LayerScale (sequential), else the branch."""
+    """Attribute of the block to wrap: the branch output after any LayerScale (sequential), else the branch.
+    ``block`` is one that :func:`find_blocks` found, so it has a layout."""
     layout = block_layout(block)
     if "." in role:  # a layer inside a branch: wrapped where it is
-        names = layout.layer_names(role) if layout else (role,)
+        names = layout.layer_names(role)
         if len(names) != 1:
             raise ModelError(f"{role} is {len(names)} layers in {type(block).__name__} ({', '.join(names)}); name one")
         return names[0]
@@ -225,8 +226,7 @@ def _slot(block: nn.Module, role: str, placement: str) -> str:
 
 
 def _branch_dims(block: nn.Module, role: str) -> tuple[int, int]:
-    layout = block_layout(block)
-    name = _slot(block, role, "parallel") if layout else role
+    name = _slot(block, role, "parallel")  # the branch itself (or the layer), not its LayerScale
     try:
         lins = _linears(block.get_submodule(name))
     except AttributeError as e:
