@@ -32,6 +32,10 @@ dtype) at 32 clients (``--concurrency`` to change), every mix, and the bank call
 reports each server's requests/s, the int8 / float32 ratio (of the medians, and per repeat: median and minimum), and
 each server's req/s over its own bank's direct img/s. Written to benchmarks/results/perf/serve_int8[_quick].json.
 
+``--variant-env KEY=VALUE ...`` (with ``--backbone-dtypes``) starts each dtype's server once more with these
+environment variables (e.g. OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep when idle instead of spinning a while), in
+the same interleaved rounds, and reports each dtype's plain server over its variant.
+
     python benchmarks/serve.py --backbone-dtypes float32 int8            # 3 repeats (about 5 minutes on 2 cores)
     python benchmarks/serve.py --backbone-dtypes float32 int8 --quick    # a smoke run (about 2 minutes)
 """
@@ -293,7 +297,7 @@ class Server:
         if self.backbone_dtype is None:
             return
         serving = next((ln for ln in self._lines if ln.startswith("serving")), "")
-        if f"({self.backbone_dtype} backbone)" not in serving:
+        if f"({self.backbone_dtype} backbone" not in serving:
             raise SystemExit(f"{self.kind} server asked for a {self.backbone_dtype} backbone said: {serving!r}")
 
     @property
@@ -483,6 +487,13 @@ def main() -> None:
         default=None,
         help="instead of asgi against stdlib: the ASGI server once per backbone dtype (see the docstring)",
     )
+    p.add_argument(
+        "--variant-env",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="with --backbone-dtypes: also each dtype's server with these environment variables (see the docstring)",
+    )
     p.add_argument("--stdlib-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stdlib_child:
@@ -520,9 +531,15 @@ def main() -> None:
         for path in paths:
             path.rename(task_dir / path.name)
         # the contenders: asgi and stdlib, or (--backbone-dtypes) the asgi server once per dtype
-        specs = {f"asgi-{d}": ("asgi", d) for d in args.backbone_dtypes} if args.backbone_dtypes else {}
-        specs = specs or {k: (k, None) for k in SERVERS}
-        servers = {k: Server(kind, task_dir, args, env, folder / f"{k}.log", d) for k, (kind, d) in specs.items()}
+        specs = {f"asgi-{d}": ("asgi", d, {}) for d in args.backbone_dtypes} if args.backbone_dtypes else {}
+        if args.backbone_dtypes and args.variant_env:
+            extra_env = dict(kv.split("=", 1) for kv in args.variant_env)
+            specs |= {f"asgi-{d}-variant": ("asgi", d, extra_env) for d in args.backbone_dtypes}
+        specs = specs or {k: (k, None, {}) for k in SERVERS}
+        servers = {
+            k: Server(kind, task_dir, args, env | extra, folder / f"{k}.log", d)
+            for k, (kind, d, extra) in specs.items()
+        }
         ctx = multiprocessing.get_context("spawn")
         here, there = ctx.Pipe()
         loadgen = ctx.Process(target=_loadgen, args=(there,), daemon=True)
@@ -626,7 +643,7 @@ def noise_line(info, runs: dict) -> str:
 
 def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_record, startup: dict) -> None:
     """--backbone-dtypes: each dtype's ASGI server (and direct bank), and the int8 / float32 ratios."""
-    dts = args.backbone_dtypes
+    dts = list(args.backbone_dtypes) + [f"{d}-variant" for d in args.backbone_dtypes if args.variant_env]
     per = {c: max(2, math.ceil(args.requests / c)) for c in args.concurrency}
     print(
         f"\n{args.model} ({args.weights}) at {args.img_size}px, {N_TASKS} MiMi tasks loaded; `mimi serve` once per "
@@ -643,7 +660,12 @@ def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_recor
     for d in dts:
         head += f" {d + ' req/s':>14} {'p50':>6} {'p95':>6} {'lost':>4} {'batch':>5} |"
     both = {"float32", "int8"} <= set(dts)
-    print(head + (f" {'int8/fp32':>9} {'min':>5} |" if both else "") + "".join(f" {d + ' direct':>14}" for d in dts))
+    direct_dts = args.backbone_dtypes
+    print(
+        head
+        + (f" {'int8/fp32':>9} {'min':>5} |" if both else "")
+        + "".join(f" {d + ' direct':>14}" for d in direct_dts)
+    )
     ratios: dict[str, dict] = {}
     for mix_name in args.mixes:
         for c in args.concurrency:
@@ -673,7 +695,7 @@ def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_recor
                 }
                 line += f" {rs['int8'] / rs['float32']:9.2f} {min(per_repeat):5.2f} |"
             if c == args.concurrency[0]:
-                line += "".join(f" {med[f'direct-{d}|{mix_name}']['images_per_s']:14.1f}" for d in dts)
+                line += "".join(f" {med[f'direct-{d}|{mix_name}']['images_per_s']:14.1f}" for d in direct_dts)
             print(line)
     print(
         "(latencies in ms; batch: mean requests per backbone pass; int8/fp32: ratio of the medians' req/s, min: the "
@@ -687,18 +709,44 @@ def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_recor
                 f"  {r['mix']:<10} {r['clients']:>4} clients: float32 x{sod['float32']:.2f}, int8 x{sod['int8']:.2f}; "
                 f"direct int8/float32 x{r['direct_int8_over_float32']:.2f}"
             )
+    if args.variant_env:
+        print(f"\nplain server over the variant ({' '.join(args.variant_env)}), req/s (median; min of a repeat):")
+        for mix_name in args.mixes:
+            for c in args.concurrency:
+                parts = []
+                for d in args.backbone_dtypes:
+                    a, b = runs[f"asgi-{d}-variant|{c}|{mix_name}"], runs[f"asgi-{d}|{c}|{mix_name}"]
+                    per_repeat = [y["requests_per_s"] / x["requests_per_s"] for x, y in zip(a, b)]
+                    m_a, m_b = (med[f"asgi-{k}|{c}|{mix_name}"]["requests_per_s"] for k in (f"{d}-variant", d))
+                    ratios.setdefault(f"{c}|{mix_name}", {}).setdefault("plain_over_variant", {})[d] = {
+                        "ratio": m_b / m_a,
+                        "per_repeat": per_repeat,
+                    }
+                    parts.append(f"{d} x{m_b / m_a:.2f} ({min(per_repeat):.2f})")
+                if both:
+                    f32, i8 = (med[f"asgi-{d}-variant|{c}|{mix_name}"]["requests_per_s"] for d in ("float32", "int8"))
+                    ratios[f"{c}|{mix_name}"]["int8_over_float32_variant"] = i8 / f32
+                    parts.append(f"int8/fp32 both variant x{i8 / f32:.2f}")
+                print(f"  {mix_name:<10} {c:>4} clients: " + ", ".join(parts))
     lost = {d: sum(med[f"asgi-{d}|{c}|{m}"]["lost"] for c in args.concurrency for m in args.mixes) for d in dts}
     print("\nlost requests: " + ", ".join(f"{d} {n}" for d, n in lost.items()))
     print(noise_line(info, runs))
     print(f"whole run {total_s / 60:.1f} min")
     out = args.out or RESULTS / "perf" / ("serve_int8_quick.json" if args.quick else "serve_int8.json")
     cells = [
-        {"server": "asgi", "backbone_dtype": d, "clients": c, "mix": m, **med[f"asgi-{d}|{c}|{m}"]}
+        {
+            "server": "asgi",
+            "backbone_dtype": d.removesuffix("-variant"),
+            "env": dict(kv.split("=", 1) for kv in args.variant_env) if d.endswith("-variant") else {},
+            "clients": c,
+            "mix": m,
+            **med[f"asgi-{d}|{c}|{m}"],
+        }
         for m in args.mixes
         for c in args.concurrency
         for d in dts
     ]
-    direct = {d: {m: med[f"direct-{d}|{m}"] for m in args.mixes} for d in dts}
+    direct = {d: {m: med[f"direct-{d}|{m}"] for m in args.mixes} for d in direct_dts}
     write_record(
         out,
         argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "stdlib_child"}),

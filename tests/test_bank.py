@@ -237,6 +237,21 @@ def test_predict_images_and_paths(tmp_path):
         bank.predict([tmp_path / "missing.png"], "pets")
 
 
+def test_pixels_normalised_as_one_batch_equal_preprocess():
+    """A server decodes each request to uint8 pixels and normalises the batch at once: the same floats, bit for bit,
+    whether the batch is all pixels or pixels mixed with already preprocessed images."""
+    bank = mimi.AdapterBank(bare("vit"), device="cpu")
+    imgs = [Image.new("RGB", (40, 30), (i * 40, 100, 200 - i * 30)) for i in range(3)] + [Image.new("L", (9, 70), 77)]
+    want = bank.preprocess(imgs)
+    pixels = [bank.pixels([img])[0] for img in imgs]
+    assert all(p.dtype == torch.uint8 and p.shape == want.shape[1:] for p in pixels)
+    assert torch.equal(bank.stack(pixels), want)
+    mixed = [pixels[0], want[1], pixels[2], want[3]]
+    assert torch.equal(bank.stack(mixed), want)
+    with pytest.raises(mimi.ConfigError, match="uint8"):
+        bank.normalize(want)
+
+
 def test_files_that_train_the_backbone_are_refused(tmp_path):
     model = bare("vit")
     model.reset_classifier(3)

@@ -246,7 +246,7 @@ def test_serve_runs_an_int8_backbone_and_says_so(trained):
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
         assert lines[1].startswith("int8 backbone (quantize_dynamic)"), lines
-        assert "(int8 backbone) at http://127.0.0.1:" in lines[2], lines
+        assert "(int8 backbone, 1 torch threads) at http://127.0.0.1:" in lines[2], lines
         url = lines[2].split(" at ")[1].split()[0]
         status, got = _post(f"{url}/predict?task=m", _png(1))
         assert status == 200 and len(got["ids"]) == 1

@@ -162,6 +162,7 @@ def test_cli_serves_then_stops_on_sigterm(tmp_path):
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         assert "as the task files record" in lines[0], lines
+        assert "(float32 backbone, 1 torch threads) at http://" in lines[1], lines
         url = lines[1].split(" at ")[1].split()[0]
         status, got = _post(f"{url}/predict?task=t&topk=3", _png(1))
         assert status == 200 and len(got["ids"]) == 3

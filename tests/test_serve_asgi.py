@@ -516,12 +516,12 @@ def test_a_large_jpeg_is_decoded_at_reduced_size(served):
     big = io.BytesIO()
     img.save(big, "JPEG", quality=95)
     decoded: list[tuple[int, int]] = []
-    real = bank.preprocess
-    bank.preprocess = lambda images: decoded.extend(i.size for i in images) or real(images)
+    real = bank.pixels
+    bank.pixels = lambda images: decoded.extend(i.size for i in images) or real(images)
     try:
         status, got, _ = _request(f"{url}/predict?task=a&topk=3", big.getvalue())
     finally:
-        bank.preprocess = real
+        bank.pixels = real
     assert status == 200 and decoded == [(200, 200)], decoded
     small = io.BytesIO()
     img.resize((200, 200), Image.Resampling.BICUBIC).save(small, "JPEG", quality=95)

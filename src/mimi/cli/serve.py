@@ -94,6 +94,7 @@ def _open_bank(args: argparse.Namespace, names: list[str]):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from mimi.deploy.asgi import BankService, ServeOptions, create_app
@@ -135,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (f"{args.task_dir}/" if args.task_dir else "")
         )
         print(
-            f"serving {what} on {bank.name} ({bank.backbone_dtype} backbone) at http://{host}:{port} "
+            f"serving {what} on {bank.name} ({bank.backbone_dtype} backbone, {torch.get_num_threads()} torch threads) "
+            f"at http://{host}:{port} "
             "(POST /predict?task=NAME; Ctrl-C stops)",
             flush=True,
         )

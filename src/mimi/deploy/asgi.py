@@ -209,7 +209,7 @@ class BankService:
         return await upload.read()
 
     def decode(self, data: bytes):
-        """Image bytes -> the bank's input ``(3, H, W)``; runs in a worker thread, never on the event loop."""
+        """Image bytes -> uint8 pixels ``(3, H, W)`` (the batcher normalises the batch); runs in a worker thread."""
         if not data:
             raise _Refused(400, "empty body; POST an image file (JPEG, PNG, ...)")
         try:
@@ -223,7 +223,7 @@ class BankService:
                     )
                 if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when the bank needs far fewer pixels
                     img.draft("RGB", (self.bank.img_size, self.bank.img_size))
-                return self.bank.preprocess([img])[0]
+                return self.bank.pixels([img])[0]
         except UnidentifiedImageError:
             raise _Refused(
                 400, "the body is not an image file PIL can read; POST the file's bytes (JPEG, PNG, ...)"

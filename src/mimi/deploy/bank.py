@@ -138,6 +138,7 @@ class AdapterBank:
         self.dtype = next(model.parameters()).dtype
         self.img_size = model_img_size(model)
         self.mean, self.std = preprocessing(model)
+        self._mean_t, self._std_t = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
         self.num_features = int(getattr(model, "num_features", 0))
         self.architecture = model_architecture(model) or architecture_of(self.name)
         self.fingerprint = backbone_fingerprint(model)
@@ -480,7 +481,14 @@ class AdapterBank:
 
     def preprocess(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """PIL images or image files -> ``(B, 3, H, W)``: RGB, bicubic resize, the backbone's mean/std (as training)."""
-        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return self.normalize(self.pixels(images))
+
+    def pixels(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """PIL images or image files -> uint8 ``(B, 3, H, W)``: RGB, bicubic resize; :meth:`normalize` finishes them.
+
+        A server decodes each request's image with this and normalises the whole batch at once: the same values as
+        :meth:`preprocess`, bit for bit, in one tensor operation instead of one per image.
+        """
         out = []
         for img in images:
             if isinstance(img, Image.Image):
@@ -491,7 +499,19 @@ class AdapterBank:
                     out.append(to_uint8(opened, self.img_size))
             except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's pixel limit is kept
                 raise DataError(f"cannot read image {img}: {e}") from e
-        return normalize(torch.stack(out), mean, std)
+        return torch.stack(out)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(..., 3, H, W)`` from :meth:`pixels` -> float32, the backbone's mean and std (as training)."""
+        if pixels.dtype != torch.uint8:
+            raise ConfigError(f"normalize takes uint8 pixels (AdapterBank.pixels), got {pixels.dtype}")
+        return normalize(pixels, self._mean_t, self._std_t)
+
+    def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Requests' ``(3, H, W)`` images -> one batch; uint8 pixels are normalised together, in one operation."""
+        if all(x.dtype == torch.uint8 for x in images):
+            return self.normalize(torch.stack(list(images)))
+        return torch.stack([self.normalize(x) if x.dtype == torch.uint8 else x for x in images])
 
     def predict(
         self,

@@ -29,7 +29,7 @@ class QueueFull(Exception):
 
 @dataclass
 class _Job:
-    x: torch.Tensor  # (3, H, W), preprocessed
+    x: torch.Tensor  # (3, H, W): uint8 pixels (AdapterBank.pixels), normalised with the batch, or preprocessed
     task: str
     topk: int
     future: Future = field(default_factory=Future)
@@ -88,7 +88,11 @@ class AsyncBatcher:
         return self._waiting
 
     async def submit(self, x: torch.Tensor, task: str, topk: int = 1) -> dict[str, Any]:
-        """One preprocessed image's top-k for ``task``, awaited without blocking the event loop."""
+        """One image's top-k for ``task``, awaited without blocking the event loop.
+
+        ``x`` is ``(3, H, W)``: uint8 pixels from :meth:`AdapterBank.pixels` (normalised with the rest of its batch, in
+        one operation) or a float image already preprocessed (:meth:`AdapterBank.preprocess`).
+        """
         job = _Job(x, task, topk)
         with self._lock:
             if self._waiting >= self.max_queue:
@@ -153,7 +157,7 @@ class AsyncBatcher:
                 if j.task not in self.bank:
                     j.future.set_exception(KeyError(j.task))
             if live:
-                x = torch.stack([j.x for j in live])  # (B, 3, H, W)
+                x = self.bank.stack([j.x for j in live])  # (B, 3, H, W)
                 names = [j.task for j in live]
                 logits = self.bank.logits(x, names[0]) if len(set(names)) == 1 else self.bank.logits(x, names)
                 for j, row in zip(live, logits):

@@ -32,7 +32,7 @@ from mimi.deploy.bank import AdapterBank
 
 @dataclass
 class _Job:
-    x: torch.Tensor  # (3, H, W), preprocessed
+    x: torch.Tensor  # (3, H, W): uint8 pixels (AdapterBank.pixels) or preprocessed
     task: str
     topk: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +60,7 @@ class Batcher:
         self._thread.start()
 
     def submit(self, x: torch.Tensor, task: str, topk: int = 1) -> dict[str, Any]:
-        """One preprocessed image's top-k for ``task``; blocks until its batch has run."""
+        """One image's top-k for ``task`` (uint8 pixels or preprocessed, as ``AdapterBank.stack`` takes); blocks until its batch has run."""
         job = _Job(x, task, topk)
         with self._lock:
             self.requests += 1
@@ -98,7 +98,7 @@ class Batcher:
     def _run(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
         try:
-            x = torch.stack([j.x for j in jobs])
+            x = self.bank.stack([j.x for j in jobs])
             names = [j.task for j in jobs]
             logits = self.bank.logits(x, names[0]) if len(set(names)) == 1 else self.bank.logits(x, names)
             for j, row in zip(jobs, logits):
@@ -188,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             with Image.open(io.BytesIO(body)) as img:
-                x = self.server.bank.preprocess([img])[0]
+                x = self.server.bank.pixels([img])[0]
         except UnidentifiedImageError:
             self._error(400, "the body is not an image file PIL can read; POST the file's bytes (JPEG, PNG, ...)")
             return
