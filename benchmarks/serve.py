@@ -461,6 +461,14 @@ def _stack() -> dict[str, str | None]:
     return {n: v(n) for n in ("uvicorn", "starlette", "httptools", "uvloop", "h11")}
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (``--variant-env``) -> ``(KEY, VALUE)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--variant-env takes KEY=VALUE (e.g. OMP_WAIT_POLICY=PASSIVE), got {text!r}")
+    return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch14_dinov2")
@@ -492,6 +500,7 @@ def main() -> None:
         nargs="+",
         default=None,
         metavar="KEY=VALUE",
+        type=_env_pair,
         help="with --backbone-dtypes: also each dtype's server with these environment variables (see the docstring)",
     )
     p.add_argument("--stdlib-child", default=None, help=argparse.SUPPRESS)
@@ -533,8 +542,7 @@ def main() -> None:
         # the contenders: asgi and stdlib, or (--backbone-dtypes) the asgi server once per dtype
         specs = {f"asgi-{d}": ("asgi", d, {}) for d in args.backbone_dtypes} if args.backbone_dtypes else {}
         if args.backbone_dtypes and args.variant_env:
-            extra_env = dict(kv.split("=", 1) for kv in args.variant_env)
-            specs |= {f"asgi-{d}-variant": ("asgi", d, extra_env) for d in args.backbone_dtypes}
+            specs |= {f"asgi-{d}-variant": ("asgi", d, dict(args.variant_env)) for d in args.backbone_dtypes}
         specs = specs or {k: (k, None, {}) for k in SERVERS}
         servers = {
             k: Server(kind, task_dir, args, env | extra, folder / f"{k}.log", d)
@@ -710,7 +718,8 @@ def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_recor
                 f"direct int8/float32 x{r['direct_int8_over_float32']:.2f}"
             )
     if args.variant_env:
-        print(f"\nplain server over the variant ({' '.join(args.variant_env)}), req/s (median; min of a repeat):")
+        variant = " ".join(f"{k}={v}" for k, v in args.variant_env)
+        print(f"\nplain server over the variant ({variant}), req/s (median; min of a repeat):")
         for mix_name in args.mixes:
             for c in args.concurrency:
                 parts = []
@@ -737,7 +746,7 @@ def report_dtypes(args, info, med: dict, runs: dict, total_s: float, write_recor
         {
             "server": "asgi",
             "backbone_dtype": d.removesuffix("-variant"),
-            "env": dict(kv.split("=", 1) for kv in args.variant_env) if d.endswith("-variant") else {},
+            "env": dict(args.variant_env) if d.endswith("-variant") else {},
             "clients": c,
             "mix": m,
             **med[f"asgi-{d}|{c}|{m}"],
