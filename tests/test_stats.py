@@ -2,7 +2,9 @@
 
 import json
 import math
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -292,3 +294,61 @@ def test_verdict_says_when_a_gap_does_not_hold_with_tasks_resampled():
     assert few.verdict == "mimi-distill ahead in 2 pairs: too few to judge (< 6)"  # 2 of 2 agree: no verdict
     six = Comparison(3, "mimi-distill", PairedDiff(0.71, 0.2, 1.2, 6), 1, 6, 0, across_tasks=(0.1, 1.3))
     assert six.verdict == "mimi-distill ahead"
+
+
+def test_context_runs_are_drawn_and_listed_but_never_paired(tmp_path, capsys):
+    from mimi.reporting.bench_report import Context, context_table, plot_pareto
+
+    assert Context.parse("runs/grid") == Context(Path("runs/grid"))
+    assert Context.parse("runs/grid:linear, mimi") == Context(Path("runs/grid"), ("linear", "mimi"))
+    _write_runs(tmp_path / "results")
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    head_only = {"trainable": 40, "trainable_without_head": 0, "adapter": 0, "head": 40}
+    big = [_rec(t, "adapter", "adapter", 0, acc, adapter_dim=96) for t, acc in (("a", 0.90), ("b", 0.80))]
+    ctx_recs = big + [
+        {**_rec("a", "linear", "linear", 0, 0.50), "params": head_only},
+        _rec("c", "linear", "linear", 0, 0.99),  # a task the results do not have: left out
+        _rec("a", "ssf", "ssf", 0, 0.70),  # a label not asked for: left out
+    ]
+    for r in ctx_recs:
+        (grid / f"{r['id']}.json").write_text(json.dumps(r))
+
+    md = write_report(tmp_path / "results", out=tmp_path / "report", context=[f"{grid}:linear,adapter"]).read_text()
+    section = md.split("## Context: runs of other folders")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    assert set(rows) - {"| method"} == {"| adapter adapterdim=96 [grid]", "| linear [grid]"}
+    assert "| 90.00 | 80.00 | 85.00 |" in rows["| adapter adapterdim=96 [grid]"]  # both tasks: a mean
+    assert rows["| linear [grid]"].endswith("| 50.00 | – | – | – |")  # only task a: no mean, task c dropped
+    # never compared: the per-task table, the pairings and the run count are those of the results alone
+    assert "[grid]" not in md.split("## Context")[0] and "[grid]" not in md.split("## Context")[1].split("\n## ", 1)[1]
+    assert md.count("ssf") == 0 and "20 runs ok" in md
+
+    # on the plots: the mean only where a context line has every task; a head-only line says so in its legend
+    ctx = Context(grid, ("linear", "adapter")).load({"vtab1k:a", "vtab1k:b"})
+    assert {r["context"] for r in ctx} == {"grid"} and len(ctx) == 3
+    assert set(_mean_points(ctx, n_tasks=2)) == {"adapter [grid]"}
+    assert context_table(ctx, {"natural": ["vtab1k:a"], "structured": ["vtab1k:b"]})[0][-2:] == [
+        "mean (tasks)",
+        "mean (groups)",
+    ]
+    seen = {}
+    real_plot = plt.Axes.plot
+
+    def spy(ax, *args, **kw):
+        seen[kw.get("label")] = kw
+        return real_plot(ax, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Axes, "plot", spy)
+        recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "results").glob("*.json"))]
+        plot_pareto(recs, "vtab1k:a", tmp_path / "a.png", context=ctx)
+    assert seen["linear [grid], head only"]["markerfacecolor"] == "none"  # hollow, grey, behind the results
+    assert seen["adapter [grid]"]["zorder"] == 1 and "mimi" in seen
+
+    # a label or folder that is not there: one line naming what is, nothing written
+    for bad, said in ((f"{grid}:lineaar", "its labels: adapter, linear, ssf"), (f"{tmp_path}/nope", "no such folder")):
+        assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "bad"), "--context", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err
+        assert not (tmp_path / "bad").exists()

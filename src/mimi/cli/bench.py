@@ -148,12 +148,20 @@ def _report_setup(p: argparse.ArgumentParser) -> None:
         metavar="LABEL",
         help="also pair every method with this method label at the same budget (repeatable; MiMi always)",
     )
+    p.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="FOLDER[:LABEL,...]",
+        help="also draw these runs of another results folder in grey on the plots, for scale, and list them in a "
+        "table of their own (repeatable; never paired), e.g. benchmarks/results/minivtab:linear,mimi,adapter",
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mimi.reporting.bench_report import write_report
 
-    path = write_report(args.results, out=args.out, against=args.against)
+    path = write_report(args.results, out=args.out, against=args.against, context=args.context)
     print(f"report: {path}")
     return 0
 

@@ -86,6 +86,46 @@ def wall_seconds(recs: list[dict]) -> float:
     return sum(walls.values())
 
 
+@dataclass(frozen=True)
+class Context:
+    """Runs of another results folder drawn on the Pareto plots for scale (the linear probe, the large adapters of
+    a committed grid), in grey, and listed in their own table: never paired, never in the verdicts.
+    ``labels`` empty: every label of the folder."""
+
+    folder: Path
+    labels: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str | Path) -> Context:
+        """``FOLDER`` or ``FOLDER:LABEL,LABEL`` (the form ``mimi report --context`` takes)."""
+        text = str(spec)
+        folder, _, labels = text.rpartition(":") if ":" in text else (text, "", "")
+        return cls(Path(folder), tuple(x.strip() for x in labels.split(",") if x.strip()))
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def load(self, tasks: set[str]) -> list[dict[str, Any]]:
+        """The finished runs of the chosen labels on ``tasks``, each with ``context`` set to the folder's name."""
+        if not self.folder.is_dir():
+            raise ConfigError(f"--context {self.folder}: no such folder; give a results folder of `mimi bench`")
+        ok = [r for r in load_results(self.folder) if r["status"] == "ok"]
+        have = sorted({r["label"] for r in ok})
+        for label in self.labels:
+            if label not in have:
+                raise ConfigError(
+                    f"--context {self.folder}:{label}: no finished run has that label there; its labels: "
+                    + ", ".join(have)
+                )
+        chosen = [r for r in ok if r["task"] in tasks and (not self.labels or r["label"] in self.labels)]
+        if not chosen:
+            raise ConfigError(
+                f"--context {self.folder}: none of its runs is on these results' tasks ({', '.join(sorted(tasks))})"
+            )
+        return [{**r, "context": self.name} for r in chosen]
+
+
 def variant(rec: dict, skip: tuple[str, ...] = ()) -> str:
     """Method label plus its swept values (those not in ``skip``), e.g. 'mimi budgetdim=8'."""
     grid = " ".join(f"{k.replace('_', '')}={v}" for k, v in rec.get("grid", {}).items() if k not in skip)
@@ -96,8 +136,10 @@ SIZE_KEYS = ("adapter_dim", "budget_dim", "budget_params")
 
 
 def line_key(rec: dict) -> str:
-    """A plot line: the method label plus its swept values other than the size (one line per score, say)."""
-    return variant(rec, skip=SIZE_KEYS)
+    """A plot line: the method label plus its swept values other than the size (one line per score, say); a
+    context run's line also names its folder."""
+    key = variant(rec, skip=SIZE_KEYS)
+    return f"{key} [{rec['context']}]" if rec.get("context") else key
 
 
 def size_r(rec: dict) -> int | None:
@@ -189,6 +231,16 @@ def main_table(agg: dict, groups: dict[str, list[str]]) -> list[list[str]]:
             + [f"{tm:.2f}" if tm is not None else "–", f"{gm:.2f}" if gm is not None else "–"]
         )
     return rows
+
+
+def context_table(context: Sequence[dict], groups: dict[str, list[str]]) -> list[list[str]]:
+    """The per-task table of the context runs (see :class:`Context`) on these results' tasks, each row's method
+    naming its folder; its means only where the row has every task."""
+    agg: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in dict.fromkeys(r["context"] for r in context):
+        for v, cells in aggregate([r for r in context if r["context"] == name]).items():
+            agg[f"{v} [{name}]"] = cells
+    return main_table(agg, groups)
 
 
 def group_table(agg: dict, groups: dict[str, list[str]]) -> list[list[str]]:
@@ -573,12 +625,13 @@ def _task_points(ok: list[dict], task: str, x: str = "params") -> dict[str, list
     return by_label
 
 
-def _mean_points(ok: list[dict], x: str = "params") -> dict[str, list[Point]]:
-    """Plot line -> one point per variant that ran on every task: means over tasks. The error bar is the
-    standard error of that mean, sqrt(sum of squared per-task SEs) / tasks (seeds independent across tasks),
-    only where every task has two seeds or more: a single seed says nothing about its own spread."""
+def _mean_points(ok: list[dict], x: str = "params", n_tasks: int | None = None) -> dict[str, list[Point]]:
+    """Plot line -> one point per variant that ran on every task (``n_tasks``, default: all tasks of ``ok``):
+    means over tasks. The error bar is the standard error of that mean, sqrt(sum of squared per-task SEs) / tasks
+    (seeds independent across tasks), only where every task has two seeds or more: a single seed says nothing
+    about its own spread."""
     agg = aggregate(ok)
-    n_tasks = len({r["task"] for r in ok})
+    n_tasks = n_tasks or len({r["task"] for r in ok})
     by_label: dict[str, list[Point]] = defaultdict(list)
     for v, cells in agg.items():
         if len(cells) == n_tasks:
@@ -591,13 +644,46 @@ def _mean_points(ok: list[dict], x: str = "params") -> dict[str, list[Point]]:
     return by_label
 
 
-def plot_pareto(recs: list[dict], task: str | None, path: Path, x: str = "params") -> Path:
+def _head_only(recs: list[dict]) -> set[str]:
+    """Plot lines whose runs train the head alone (the linear probe): drawn at the head's size, and said so."""
+    lines: dict[str, bool] = {}
+    for r in recs:
+        lines[line_key(r)] = lines.get(line_key(r), True) and not r["params"]["trainable_without_head"]
+    return {k for k, v in lines.items() if v}
+
+
+def plot_pareto(
+    recs: list[dict], task: str | None, path: Path, x: str = "params", context: Sequence[dict] = ()
+) -> Path:
     """Accuracy vs trainable parameters (log x), or vs the bytes of each task file as trained (``x="bytes"``,
     float32): one line per method label, ± SE bars where a point has two seeds or more; the cycles of pruned runs
-    dotted (parameters only)."""
+    dotted (parameters only). ``context`` runs (see :class:`Context`) are drawn in grey, hollow and dashed, their
+    mean only where they ran on every task of ``recs``. A line of head-only runs (the linear probe) is drawn at
+    the head's parameter count, its legend says so."""
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     ok = [r for r in recs if r["status"] == "ok"]
     by_label = _task_points(ok, task, x) if task is not None else _mean_points(ok, x)
+    head_only = _head_only(ok) | _head_only(list(context))
+    if context:
+        n_tasks = len({r["task"] for r in ok})
+        cx = _task_points(list(context), task, x) if task is not None else _mean_points(list(context), x, n_tasks)
+        for i, (label, pts) in enumerate(sorted(cx.items())):
+            pts.sort()
+            xs, ys, _ = zip(*pts)
+            grey = plt.cm.Greys(0.45 + 0.5 * (i % 4) / 3)
+            shown = f"{label}, head only" if label in head_only and x == "params" else label
+            ax.plot(
+                xs,
+                ys,
+                linestyle="--" if len(pts) > 1 else "none",
+                color=grey,
+                marker="os^vD<>ph*P"[i % 11],
+                markerfacecolor="none",
+                markersize=6,
+                linewidth=1,
+                label=shown,
+                zorder=1,
+            )
     colors: dict[str, Any] = {}
     for i, (label, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
@@ -605,7 +691,8 @@ def plot_pareto(recs: list[dict], task: str | None, path: Path, x: str = "params
         style = dict(color=plt.cm.tab20(i % 20), marker="os^vD<>ph*P"[i % 11], markersize=6, linewidth=1.2)
         if label == "mimi":  # the method of this project: drawn on top, thicker
             style.update(color="black", marker="*", markersize=11, linewidth=2.2, zorder=5)
-        ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", label=label, **style)
+        shown = f"{label}, head only" if label in head_only and x == "params" else label
+        ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", label=shown, **style)
         colors[label] = style["color"]
         bars = [(x, y, e) for x, y, e in zip(xs, ys, errs) if e is not None]
         if bars:
@@ -696,11 +783,17 @@ def role_table(ok: list[dict], method: str) -> list[list[str]]:
 
 
 def write_report(
-    results: str | Path | Sequence[str | Path], *, out: str | Path | None = None, against: Sequence[str] = ()
+    results: str | Path | Sequence[str | Path],
+    *,
+    out: str | Path | None = None,
+    against: Sequence[str] = (),
+    context: Sequence[str | Path | Context] = (),
 ) -> Path:
     """Render ``report.md``, ``report.html`` and PNG plots from the JSONs in ``results`` (one folder, or several
     merged: a run found twice is reported once). The report goes to ``out`` (default: the first folder's
-    ``report/``). Every method is paired with MiMi at its budget, and also with each label in ``against``."""
+    ``report/``). Every method is paired with MiMi at its budget, and also with each label in ``against``.
+    ``context``: other folders' runs (``FOLDER`` or ``FOLDER:LABEL,LABEL``, see :class:`Context`) drawn in grey
+    on the Pareto plots and listed in a table of their own, for scale; they enter no pairing."""
     folders = [Path(results)] if isinstance(results, str | Path) else [Path(r) for r in results]
     for folder in folders:
         if not folder.is_dir():
@@ -719,18 +812,21 @@ def write_report(
             raise ConfigError(f"--against {a!r}: no finished run has that label; the labels here: {', '.join(labels)}")
     failed = [r for r in recs if r["status"] != "ok"]
     groups = _groups(recs)
+    tasks = {r["task"] for r in ok}
+    ctx = [r for c in context for r in (c if isinstance(c, Context) else Context.parse(c)).load(tasks)]
     agg = aggregate(ok)
-    plots = [plot_pareto(ok, None, out / "pareto_mean.png")] if ok else []
+    plots = [plot_pareto(ok, None, out / "pareto_mean.png", context=ctx)] if ok else []
     if any("run_id" in r for r in ok):  # runs of several budgets (kilobyte tasks): bytes are the other axis
-        plots.append(plot_pareto(ok, None, out / "pareto_mean_bytes.png", x="bytes"))
+        plots.append(plot_pareto(ok, None, out / "pareto_mean_bytes.png", x="bytes", context=ctx))
     for ts in groups.values():
         for t in ts:
-            plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png"))
+            plots.append(plot_pareto(ok, t, out / f"pareto_{_short(t)}.png", context=ctx))
     sizes = plot_mimi_sizes(ok, out / "mimi_sizes.png")
     ranks = plot_mimi_sizes(ok, out / "mimi_lora_ranks.png", method="mimi-lora")
     roles = {m: role_table(ok, m) for m in ("mimi", "mimi-lora")}
     forest = plot_paired(ok, out / "paired_vs_mimi.png")
     table, gtable = main_table(agg, groups), group_table(agg, groups)
+    ctable = context_table(ctx, groups) if ctx else []
     btable, ptable, atable = budget_table(ok), paired_table(ok), ablation_table(ok)
     wall = wall_seconds(recs)
     n_multi = any("run_id" in r for r in ok)
@@ -758,6 +854,16 @@ def write_report(
         _md(gtable),
         "",
     ]
+    if ctable:
+        lines += [
+            "## Context: runs of other folders",
+            "",
+            "For scale, not compared: runs of " + ", ".join(sorted({f"`{r['context']}`" for r in ctx})) + " on "
+            "these tasks (the folder in brackets), drawn in grey on the plots; a mean only where every task ran.",
+            "",
+            _md(ctable),
+            "",
+        ]
     if len(btable) > 1:
         lines += [
             "## At the same budget",
@@ -838,6 +944,7 @@ def write_report(
     body = (
         f"<h1>Benchmark report</h1><p>{html.escape(lines[2])}</p><h2>Per task</h2>{_html(table)}"
         f"<h2>Per group</h2>{_html(gtable)}"
+        + (f"<h2>Context: runs of other folders</h2>{_html(ctable)}" if ctable else "")
         + (f"<h2>At the same budget</h2>{_html(btable)}" if len(btable) > 1 else "")
         + (f"<h2>Against MiMi at the same budget, paired by seed</h2>{_html(ptable)}" if len(ptable) > 1 else "")
         + (f"<h2>At parameter budgets, paired by seed</h2>{_html(kb)}" if len(kb) > 1 else "")
