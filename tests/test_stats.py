@@ -301,6 +301,7 @@ def test_context_runs_are_drawn_and_listed_but_never_paired(tmp_path, capsys):
 
     assert Context.parse("runs/grid") == Context(Path("runs/grid"))
     assert Context.parse("runs/grid:linear, mimi") == Context(Path("runs/grid"), ("linear", "mimi"))
+    assert Context.parse("C:\\runs\\grid") == Context(Path("C:\\runs\\grid"))  # a drive letter is not a label list
     _write_runs(tmp_path / "results")
     grid = tmp_path / "grid"
     grid.mkdir()

@@ -99,7 +99,9 @@ class Context:
     def parse(cls, spec: str | Path) -> Context:
         """``FOLDER`` or ``FOLDER:LABEL,LABEL`` (the form ``mimi report --context`` takes)."""
         text = str(spec)
-        folder, _, labels = text.rpartition(":") if ":" in text else (text, "", "")
+        folder, _, labels = text.rpartition(":")
+        if not folder or "/" in labels or "\\" in labels:  # no labels given (or a drive letter's colon)
+            folder, labels = text, ""
         return cls(Path(folder), tuple(x.strip() for x in labels.split(",") if x.strip()))
 
     @property
