@@ -13,7 +13,6 @@ What differs between the families lives in :data:`FAMILIES` (one row each): the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from mimi.core.errors import BackboneError, ConfigError
 from mimi.core.modules import TRANSFORMERS_PREFIX as PREFIX
+from mimi.core.quiet import quiet_pytree_notes
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -59,20 +59,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-@contextlib.contextmanager
-def _quiet_import():
-    # transformers imports torchao where it is installed, whose import logs notes about its pytree registrations
-    log = logging.getLogger("torch.utils._pytree")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _transformers():
-    with _quiet_import():
+    with quiet_pytree_notes():
         try:
             import transformers
         except ImportError as e:
@@ -227,7 +215,7 @@ def create_transformers_backbone(
         )
     cls = getattr(transformers, family.model_class)
     w = (weights or "none").strip()
-    with _quiet_import():
+    with quiet_pytree_notes():
         if w == "none":
             model, where = cls(config, **family.load_kwargs), "random-init"
         elif w in ("auto", "hub"):

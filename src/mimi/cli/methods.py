@@ -1,4 +1,5 @@
-"""`mimi methods`: the training methods, or one of them in detail (traits and options)."""
+"""`mimi methods`: the training methods, or one of them in detail (traits and options); `mimi plan`: what each
+method trains at a parameter budget, and the bytes of its task file, before any training."""
 
 from __future__ import annotations
 
@@ -73,6 +74,48 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget-params", type=int, required=True, help="adapter parameters (no head), e.g. 8000")
+    p.add_argument(
+        "--model", default="vit_small_patch14_dinov2", help="any timm model name (random weights: only sizes)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (VPT and sizes do not depend on it)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head in the task files' bytes")
+
+
+def _thousands(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mimi.training.plan import plan_budget
+
+    rows = plan_budget(args.budget_params, model=args.model, img_size=args.img_size, num_classes=args.num_classes)
+    print(
+        f"at {args.budget_params:,} adapter parameters on {args.model}, task files as int8 with a head of "
+        f"{args.num_classes} classes:"
+    )
+    table = [("method", "params (no head)", "fits", "int8 file bytes", "bank", "chosen / why not")]
+    for r in rows:
+        fits = "yes" if r.fits else "no" if r.params is not None else "-"
+        params = f"<= {r.params:,}" if r.int8_bytes is None and r.params is not None else _thousands(r.params)
+        table.append((r.candidate.label, params, fits, _thousands(r.int8_bytes), "yes" if r.servable else "no", r.note))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
+    print("\ntrain one: mimi train --budget-params", args.budget_params, "<method flags>, e.g.")
+    for r in rows:
+        if r.fits:
+            print(f"  {r.candidate.flags()}")
+    return 0
+
+
 COMMANDS = [
     Command("methods", "list the training methods, or describe one (mimi methods NAME)", _setup, cmd_methods),
+    Command(
+        "plan",
+        "what each small method trains at a parameter budget, and its int8 task file's bytes (no training)",
+        _plan_setup,
+        cmd_plan,
+    ),
 ]

@@ -33,7 +33,6 @@ Both run on the CPU only: :func:`check_backbone_dtype` refuses another device in
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 
 from mimi.core.adapters import Adapter, find_blocks
 from mimi.core.errors import ConfigError, ModelError
+from mimi.core.quiet import quiet_pytree_notes
 
 #: ``backbone_dtype`` values: ``float32`` (the default: the backbone as trained) and ``int8``.
 BACKBONE_DTYPES = ("float32", "int8")
@@ -151,15 +151,11 @@ def quantize_backbone(model: nn.Module, dtype: str = "int8", *, engine: str | No
 
 
 def _torchao(model: nn.Module, ids: set[int]) -> None:
-    pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import logs a note about its registrations
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        with quiet_pytree_notes():
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError as e:
         raise ModelError(f"an int8 backbone needs torchao ({e}); pip install 'mimi-adapters[int8]'") from e
-    finally:
-        pytree_log.setLevel(level)
     quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _fqn: id(m) in ids)
 
 

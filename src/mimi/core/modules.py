@@ -12,6 +12,13 @@ def classifier(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+def trainable_without_head(model: nn.Module) -> int:
+    """Trainable parameters outside the classifier head (PEFT's head copy included in the head)."""
+    head = classifier(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
+
+
 #: The prefix of a model name that asks for a Hugging Face ``transformers`` backbone (``transformers:ORG/NAME``).
 TRANSFORMERS_PREFIX = "transformers:"
 

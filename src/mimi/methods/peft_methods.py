@@ -25,7 +25,8 @@ from mimi.core.adapters import find_blocks
 from mimi.core.errors import ConfigError, ModelError
 from mimi.core.layouts import block_layout
 from mimi.core.lora import DEFAULT_TARGETS, lora_targets
-from mimi.core.modules import classifier
+from mimi.core.modules import classifier, trainable_without_head
+from mimi.core.quiet import quiet_pytree_notes
 from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register, run_flag
 from mimi.methods.lora import check_rank, resolve_rank
 
@@ -34,7 +35,8 @@ ADAPTER = "default"  # PEFT's adapter name
 
 def _peft():
     try:
-        import peft
+        with quiet_pytree_notes():
+            import peft
     except ImportError as e:
         raise ConfigError("the peft-* methods need Hugging Face PEFT: pip install 'mimi-adapters[peft]'") from e
     return peft
@@ -82,13 +84,6 @@ def apply_peft(model: nn.Module, config: Any, *, targets: Sequence[str]) -> nn.M
             f"PEFT adapted {sorted(tuned ^ expected)[:4]} / saved {sorted(saved)}: not the intended layers"
         )
     return peft_model
-
-
-def trainable_without_head(model: nn.Module) -> int:
-    """Trainable parameters outside the classifier head (PEFT's head copy included in the head)."""
-    head = classifier(model)
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
 
 
 @dataclass
