@@ -69,6 +69,12 @@ def test_cli_prints_the_table_and_refuses_a_bad_budget_in_one_line(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("fact-tt"))
     assert "3,840" in line and "yes" in line and "fact_rank 4" in line
     assert "  --method fact-tt\n" in out and "--method peft-vera\n" not in out  # only what fits is suggested
+    assert main([*args, "--json"]) == 0
+    listed = {r["candidate"]["label"]: r for r in json.loads(capsys.readouterr().out)}  # nothing but JSON
+    assert (
+        listed["fact-tt (rank from the budget)"]["params"] == 3840 and listed["linear probe (the head alone)"]["fits"]
+    )
+    assert listed["fact-tt (rank from the budget)"]["flags"] == "--method fact-tt"
     assert main(["plan", "--budget-params", "0", "--model", "vit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--budget-params must be >= 1" in err and "\n" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 from mimi.cli.command import Command
 
@@ -81,6 +82,7 @@ def _plan_setup(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--img-size", type=int, default=None, help="input resolution (VPT and sizes do not depend on it)")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the head in the task files' bytes")
+    p.add_argument("--json", action="store_true", help="print only JSON on stdout: one object per candidate")
 
 
 def _thousands(n: int | None) -> str:
@@ -91,6 +93,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from mimi.training.plan import plan_budget
 
     rows = plan_budget(args.budget_params, model=args.model, img_size=args.img_size, num_classes=args.num_classes)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(r), "flags": r.candidate.flags()} for r in rows], indent=1))
+        return 0
     print(
         f"at {args.budget_params:,} adapter parameters on {args.model}, task files as int8 with a head of "
         f"{args.num_classes} classes:"
