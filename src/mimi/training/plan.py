@@ -11,6 +11,7 @@ MiMi's sizes are found by pruning during training, so its row gives the budget a
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +43,8 @@ class Candidate:
         if self.adapter_dim is not None:
             out += f" --adapter-dim {self.adapter_dim}"
         if self.method_kwargs:
-            kw = ", ".join(f'"{k}": {_json(v)}' for k, v in self.method_kwargs.items())
-            out += f" --method-kwargs '{{{kw}}}'"
+            out += f" --method-kwargs '{json.dumps(self.method_kwargs)}'"
         return out
-
-
-def _json(v: Any) -> str:
-    if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_json(x) for x in v) + "]"
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 KILOBYTE_CANDIDATES: tuple[Candidate, ...] = (
