@@ -190,8 +190,8 @@ def test_bench_records_each_budget_of_one_run_and_the_report_counts_it_once(tmp_
 def test_param_budget_table_pairs_every_label_with_the_mimi_label_of_most_runs():
     from mimi.reporting.bench_report import param_budget_table
 
-    def rec(label, task, seed, acc, method="mimi"):
-        cfg = {"method": method, "budget_params": 8000}
+    def rec(label, task, seed, acc, method="mimi", **extra):
+        cfg = {"method": method, "budget_params": 8000, **extra}
         params = {"trainable_without_head": 7000, "trainable": 7500}
         out = {"id": f"{task}{label}{seed}", "label": label, "task": task, "seed": seed, "test_acc": acc}
         return out | {"config": cfg, "params": params, "status": "ok"}
@@ -203,3 +203,7 @@ def test_param_budget_table_pairs_every_label_with_the_mimi_label_of_most_runs()
     assert rows["mimi-kb"][4] == "(reference)"  # 12 runs against 6: the multi-budget runs are the reference
     assert rows["mimi-alone"][3:5] == ["6 (1)", "+1.00"] and rows["fact"][3:5] == ["6 (1)", "-10.00"]
     assert rows["fact"][-1] == "mimi-kb ahead" and rows["mimi-alone"][-1] == "mimi-alone ahead"
+    # MiMi's score control: more runs than mimi-kb, yet compared with it, never the reference
+    ok += [rec("mimi-random", t, s, 0.82, score="random") for t in tasks for s in (0, 1, 2)]
+    rows = {r[1]: r for r in param_budget_table(ok)[1:]}
+    assert rows["mimi-kb"][4] == "(reference)" and rows["mimi-random"][3:5] == ["12 (2)", "+2.00"]

@@ -461,12 +461,13 @@ def paired_table(ok: list[dict], slack: float = 0.02, seed: int = 0, against: st
 
 def by_param_budget(ok: list[dict]) -> dict[int, dict[str, list[dict]]]:
     """Budget in adapter parameters -> method label -> runs, for runs sized by ``--budget-params`` (one number):
-    the kilobyte budgets, below what a uniform adapter can express, where every peer is given MiMi's budget."""
+    the kilobyte budgets, below what a uniform adapter can express, where every peer is given MiMi's budget. A MiMi
+    run with another score (its control) is one of the labels compared with MiMi, never the reference."""
     out: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in ok:
         cfg = r.get("config", {})
         b = cfg.get("budget_params")
-        if isinstance(b, int) and cfg.get("budget_dim") is None and cfg.get("score", "mimi") == "mimi":
+        if isinstance(b, int) and cfg.get("budget_dim") is None:
             out[b][r["label"]].append(r)
     return out
 
@@ -735,7 +736,7 @@ def plot_mimi_sizes(recs: list[dict], path: Path, method: str = "mimi") -> Path 
         return None
     # one run per task: the smallest budget of the first label, first seed
     first = {}
-    for r in sorted(mimi, key=lambda r: (r["label"], r["params"]["adapter"], r["seed"])):
+    for r in sorted(mimi, key=lambda r: (r["label"], r["seed"], r["params"]["adapter"])):
         first.setdefault(r["task"], r)
     runs = list(first.values())
     layout = runs[0]["layout"]
