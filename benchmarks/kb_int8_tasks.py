@@ -9,6 +9,12 @@ gap to fp32 in points, and the issue's targets at 8,000 parameters (int8 under 1
 
     python benchmarks/kb_int8_tasks.py                     # from the repository root; every finished mimi-kb run folder (~1 min a budget)
     python benchmarks/kb_int8_tasks.py --budgets 8000      # the 8k tasks only
+    python benchmarks/kb_int8_tasks.py --peers fact-tt adapter-spread   # the 8k peers' runs (seed 0) instead
+
+With ``--peers``, the runs are the grid's single-budget runs of those labels at 8,000 parameters, seed 0 (their
+final task; JSON ``benchmarks/results/perf/kb_int8_peers.json``): the same bytes and accuracies, so the peers a user
+would pick at that size are measured as files too. Methods a bank cannot serve (VPT) are scored by loading each
+file back into the run's model instead.
 
 Needs the MiniVTAB data (``make minivtab``), the offline backbone, and the runs (``mimi bench
 configs/bench/minivtab_kb.yaml``).
@@ -17,6 +23,7 @@ configs/bench/minivtab_kb.yaml``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -26,29 +33,47 @@ import torch
 from _common import machine, write_record
 from int8_tasks import bank_accuracy
 
-from mimi.core.taskfile import byte_breakdown, save_adapters
+from mimi.core.taskfile import byte_breakdown, load_adapters, save_adapters
+from mimi.methods import method_traits
 from mimi.trainer import load_run
 from mimi.training.run import task_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "perf" / "kb_int8_tasks.json"
+PEERS_OUT = OUT.with_name("kb_int8_peers.json")
 DTYPES = {"fp32": None, "fp16": torch.float16, "int8": torch.int8, "int4": "int4"}
 TARGET_BUDGET, TARGET_BYTES, TARGET_POINTS = 8000, 16_000, 0.3
 
 
-def measure(run_dir: Path, budget: int, files: Path, *, device: str) -> dict:
-    """Every storage form of the task ``run_dir`` kept at ``budget``: bytes by part and bank test accuracy."""
-    run = load_run(run_dir, budget=budget)
-    entry = next(e for e in json.loads((run_dir / "summary.json").read_text()) if e.get("budget") == budget)
+def model_accuracy(path: Path, run, *, device: str, batch_size: int) -> float:
+    """Test accuracy of one task file loaded back into (a copy of) the run's model: for methods no bank serves."""
+    model = load_adapters(copy.deepcopy(run.model), path).to(device).eval()
+    loader = torch.utils.data.DataLoader(run.task.test, batch_size=batch_size)
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def measure(run_dir: Path, budget: int | None, files: Path, *, device: str) -> dict:
+    """Every storage form of the task ``run_dir`` kept at ``budget`` (None: the run's final task): bytes by part
+    and test accuracy, served by a bank where the method is servable."""
+    run = load_run(run_dir, budget=budget) if budget is not None else load_run(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    entry = summary[-1] if budget is None else next(e for e in summary if e.get("budget") == budget)
+    score = bank_accuracy if method_traits(run.cfg.method).servable else model_accuracy
     out = {"adapter_params": entry["adapter_params"], "run_test_acc": entry["test_acc"], "files": {}}
+    out["method"], out["scored_by"] = run.cfg.method, "bank" if score is bank_accuracy else "model"
     for label, dtype in DTYPES.items():
         path = files / f"{run_dir.name}.{budget}.{label}.safetensors"
         save_adapters(run.model, path, dtype=dtype, metadata=task_metadata(run))
-        acc = bank_accuracy(path, run, device=device, batch_size=run.cfg.eval_batch_size)
+        acc = score(path, run, device=device, batch_size=run.cfg.eval_batch_size)
         out["files"][label] = {"bytes": byte_breakdown(path), "test_acc": acc}
         parts = out["files"][label]["bytes"]
         print(
-            f"{run_dir.name} @ {budget:,} {label}: {parts['total']:,} bytes (adapters {parts['adapters']:,}, head "
+            f"{run_dir.name} @ {budget or 'final'} {label}: {parts['total']:,} bytes (adapters {parts['adapters']:,}, head "
             f"{parts['head']:,}, header {parts['header']:,}), test {100 * acc:.2f}%"
         )
     fp32 = out["files"]["fp32"]["test_acc"]
@@ -61,19 +86,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", type=Path, help="run folders (default: the kilobyte grid's mimi-kb seed 0)")
     p.add_argument("--budgets", nargs="+", type=int, help="budgets to measure (default: every one a run kept)")
-    p.add_argument("--out", type=Path, default=OUT, help="the JSON written")
+    p.add_argument(
+        "--peers", nargs="+", metavar="LABEL", help="measure these labels' single-budget runs at 8,000 (seed 0) instead"
+    )
+    p.add_argument("--out", type=Path, default=None, help="the JSON written (default: by what is measured)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    runs = args.runs or sorted((ROOT / "runs" / "bench" / "minivtab_kb").glob("*__mimi-kb__s0"))
+    grid = ROOT / "runs" / "bench" / "minivtab_kb"
+    if args.peers:
+        runs = args.runs or [r for label in args.peers for r in sorted(grid.glob(f"*__{label}__budgetparams8000__s0"))]
+    else:
+        runs = args.runs or sorted(grid.glob("*__mimi-kb__s0"))
     runs = [r for r in runs if (r / "adapters.safetensors").is_file()]  # finished runs only
     if not runs:
-        raise SystemExit("no finished run of several budgets: run `mimi bench configs/bench/minivtab_kb.yaml` first")
+        raise SystemExit("no finished run to measure: run `mimi bench configs/bench/minivtab_kb.yaml` first")
+    args.out = args.out or (PEERS_OUT if args.peers else OUT)
     start, results = time.perf_counter(), {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_dir in runs:
-            kept = json.loads((run_dir / "run.json").read_text()).get("budgets", [])
-            for b in [b for b in kept if args.budgets is None or b in args.budgets]:
-                results.setdefault(run_dir.name, {})[str(b)] = measure(run_dir, b, Path(tmp), device=args.device)
+            kept = json.loads((run_dir / "run.json").read_text()).get("budgets") or [None]
+            for b in [b for b in kept if b is None or args.budgets is None or b in args.budgets]:
+                key = str(b if b is not None else TARGET_BUDGET)
+                results.setdefault(run_dir.name, {})[key] = measure(run_dir, b, Path(tmp), device=args.device)
     at_target = [r[str(TARGET_BUDGET)] for r in results.values() if str(TARGET_BUDGET) in r]
     targets = {
         "budget": TARGET_BUDGET,
@@ -85,6 +119,7 @@ def main() -> None:
     targets["met"] = targets["met"] and targets["int8_bytes_max"] < TARGET_BYTES
     targets["met"] = targets["met"] and targets["int8_gap_points_max_abs"] <= TARGET_POINTS
     print(f"at {TARGET_BUDGET:,}: {json.dumps(targets)}")
+    args.runs = [str(r) for r in args.runs] if args.runs else None  # as given, for the record
     info = machine()
     write_record(args.out, args, info, runs=results, targets=targets, seconds=time.perf_counter() - start)
 
