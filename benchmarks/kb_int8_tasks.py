@@ -10,10 +10,12 @@ gap to fp32 in points, and the issue's targets at 8,000 parameters (int8 under 1
     python benchmarks/kb_int8_tasks.py                     # from the repository root; every finished mimi-kb run folder (~1 min a budget)
     python benchmarks/kb_int8_tasks.py --budgets 8000      # the 8k tasks only
     python benchmarks/kb_int8_tasks.py --peers fact-tt adapter-spread   # the 8k peers' runs (seed 0) instead
+    python benchmarks/kb_int8_tasks.py --peers fact-tt --peer-budget 4000   # the 4k FacT-TT runs
 
 With ``--peers``, the runs are the grid's single-budget runs of those labels at 8,000 parameters, seed 0 (their
-final task; JSON ``benchmarks/results/perf/kb_int8_peers.json``): the same bytes and accuracies, so the peers a user
-would pick at that size are measured as files too. Methods a bank cannot serve (VPT) are scored by loading each
+final task; JSON ``benchmarks/results/perf/kb_int8_peers.json``, or ``kb_int8_peers_<N>.json`` at another
+``--peer-budget``): the same bytes and accuracies, so the peers a user would pick at that size are measured as files
+too; the size and accuracy targets are then checked at that budget. Methods a bank cannot serve (VPT) are scored by loading each
 file back into the run's model instead.
 
 Needs the MiniVTAB data (``make minivtab``), the offline backbone, and the runs (``mimi bench
@@ -87,30 +89,36 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", type=Path, help="run folders (default: the kilobyte grid's mimi-kb seed 0)")
     p.add_argument("--budgets", nargs="+", type=int, help="budgets to measure (default: every one a run kept)")
     p.add_argument(
-        "--peers", nargs="+", metavar="LABEL", help="measure these labels' single-budget runs at 8,000 (seed 0) instead"
+        "--peers", nargs="+", metavar="LABEL", help="measure these labels' single-budget runs (seed 0) instead"
     )
+    p.add_argument("--peer-budget", type=int, default=TARGET_BUDGET, help="the peers' budget (default 8,000)")
     p.add_argument("--out", type=Path, default=None, help="the JSON written (default: by what is measured)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     grid = ROOT / "runs" / "bench" / "minivtab_kb"
     if args.peers:
-        runs = args.runs or [r for label in args.peers for r in sorted(grid.glob(f"*__{label}__budgetparams8000__s0"))]
+        pattern = f"__budgetparams{args.peer_budget}__s0"
+        runs = args.runs or [r for label in args.peers for r in sorted(grid.glob(f"*__{label}{pattern}"))]
     else:
         runs = args.runs or sorted(grid.glob("*__mimi-kb__s0"))
     runs = [r for r in runs if (r / "adapters.safetensors").is_file()]  # finished runs only
     if not runs:
         raise SystemExit("no finished run to measure: run `mimi bench configs/bench/minivtab_kb.yaml` first")
-    args.out = args.out or (PEERS_OUT if args.peers else OUT)
+    target_budget = args.peer_budget if args.peers else TARGET_BUDGET
+    if args.out is None and args.peers:
+        suffix = "" if target_budget == TARGET_BUDGET else f"_{target_budget}"
+        args.out = PEERS_OUT.with_name(f"{PEERS_OUT.stem}{suffix}.json")
+    args.out = args.out or OUT
     start, results = time.perf_counter(), {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_dir in runs:
             kept = json.loads((run_dir / "run.json").read_text()).get("budgets") or [None]
             for b in [b for b in kept if b is None or args.budgets is None or b in args.budgets]:
-                key = str(b if b is not None else TARGET_BUDGET)
+                key = str(b if b is not None else target_budget)
                 results.setdefault(run_dir.name, {})[key] = measure(run_dir, b, Path(tmp), device=args.device)
-    at_target = [r[str(TARGET_BUDGET)] for r in results.values() if str(TARGET_BUDGET) in r]
+    at_target = [r[str(target_budget)] for r in results.values() if str(target_budget) in r]
     targets = {
-        "budget": TARGET_BUDGET,
+        "budget": target_budget,
         "tasks": len(at_target),
         "int8_bytes_max": max((r["files"]["int8"]["bytes"]["total"] for r in at_target), default=None),
         "int8_gap_points_max_abs": max((abs(r["int8_minus_fp32_points"]) for r in at_target), default=None),
@@ -118,7 +126,7 @@ def main() -> None:
     targets["met"] = bool(at_target) and len(at_target) >= 3
     targets["met"] = targets["met"] and targets["int8_bytes_max"] < TARGET_BYTES
     targets["met"] = targets["met"] and targets["int8_gap_points_max_abs"] <= TARGET_POINTS
-    print(f"at {TARGET_BUDGET:,}: {json.dumps(targets)}")
+    print(f"at {target_budget:,}: {json.dumps(targets)}")
     args.runs = [str(r) for r in args.runs] if args.runs else None  # as given, for the record
     info = machine()
     write_record(args.out, args, info, runs=results, targets=targets, seconds=time.perf_counter() - start)
