@@ -15,8 +15,8 @@ gap to fp32 in points, and the issue's targets at 8,000 parameters (int8 under 1
 With ``--peers``, the runs are the grid's single-budget runs of those labels at 8,000 parameters, seed 0 (their
 final task; JSON ``benchmarks/results/perf/kb_int8_peers.json``, or ``kb_int8_peers_<N>.json`` at another
 ``--peer-budget``): the same bytes and accuracies, so the peers a user would pick at that size are measured as files
-too; the size and accuracy targets are then checked at that budget. Methods a bank cannot serve (VPT) are scored by loading each
-file back into the run's model instead.
+too; the size and accuracy targets are then checked at that budget. Methods a bank cannot serve (VPT) are scored by
+loading each file back into the run's model instead.
 
 Needs the MiniVTAB data (``make minivtab``), the offline backbone, and the runs (``mimi bench
 configs/bench/minivtab_kb.yaml``).
