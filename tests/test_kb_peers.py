@@ -320,6 +320,19 @@ def test_vera_save_then_load_gives_identical_logits(tmp_path):
         assert not torch.equal(other.eval()(x), logits)
 
 
+def test_vpt_tokens_from_a_budget_never_exceed_it():
+    per_token = DEPTH * D
+    for budget in (per_token, per_token + 1, 3 * per_token - 1, 3 * per_token, 10 * per_token + 7):
+        _, model, m = prepared("vpt-deep", budget_params=budget)
+        n = m.extra_info(model)["num_prompts"]
+        assert n * per_token <= budget < (n + 1) * per_token
+        assert trained_without_head(model) == n * per_token
+    _, model, m = prepared("vpt-deep")  # no budget: VPT's usual 10
+    assert m.extra_info(model)["num_prompts"] == 10
+    with pytest.raises(ConfigError, match="below one prompt token per block"):
+        prepared("vpt-deep", budget_params=per_token - 1)
+
+
 def test_vera_rank_from_a_budget_is_the_nearest():
     fixed, per_rank = DEPTH * 3 * D, DEPTH  # b vectors of qkv; one d entry per layer and rank
     for budget in (fixed + 1, fixed + 100, fixed + 1000, fixed + 3 * per_rank + 3):
@@ -350,6 +363,10 @@ def test_vera_rank_from_a_budget_is_the_nearest():
         ("lora", {"rank": 1, "targets": ["attn.qkv"]}, 12 * (384 + 1152)),  # 18,432
         ("vpt-deep", {"num_prompts": 1}, 12 * 1 * 384),  # 4,608
         ("vpt-deep", {"num_prompts": 2}, 12 * 2 * 384),  # 9,216
+        ("vpt-deep", {"budget_params": 16000}, 12 * 3 * 384),  # 13,824: the most tokens 16k holds
+        ("vpt-deep", {"budget_params": 32000}, 12 * 6 * 384),  # 27,648
+        ("vpt-deep", {"budget_params": 4608}, 12 * 1 * 384),  # exactly one token a block
+        ("vpt-deep", {"budget_params": 32000, "num_prompts": 1}, 12 * 1 * 384),  # the option wins over the budget
         ("peft-vera", {}, 12 * (256 + 1152)),  # 16,896: rank 256 on attn.qkv
     ],
 )

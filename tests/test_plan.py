@@ -30,6 +30,9 @@ def test_each_candidate_is_built_for_the_budget_as_counted_by_hand(rows):
     assert (everywhere.params, everywhere.fits) == (DEPTH * 2 * A1, False)  # the smallest uniform adapter
     assert by_method[("vpt-deep", json.dumps({"num_prompts": 1}))].params == DEPTH * D
     assert not by_method[("vpt-deep", json.dumps({"num_prompts": 2}))].fits
+    # tokens from the budget: 4,000 // (12 x 192) = 1 token a block
+    sized = by_method[("vpt-deep", "{}")]
+    assert (sized.params, sized.fits, sized.note) == (DEPTH * D, True, "num_prompts 1")
     assert by_method[("lora", json.dumps({"rank": 1, "targets": ["attn.qkv"]}))].params == DEPTH * (D + 3 * D)
     mimi = by_method[("mimi", "{}")]
     assert (mimi.params, mimi.int8_bytes, mimi.fits) == (4000, None, True)  # sizes found by training

@@ -6,7 +6,9 @@ prompts and the rest of the network (final norm, pooling, head) sees the origina
 
     x (B, n_prefix + N, D) -> [prefix | prompts (P) | patches] -> block -> drop the P prompt outputs
 
-Prompts carry no position embedding, as in VPT. Initialisation follows the VPT code: ``U(-v, v)`` with
+Given a parameter budget (``--budget-params`` / ``--budget-dim``) and no ``num_prompts``, the method takes as many
+tokens per block as the budget holds (``embed_dim`` parameters a token a block), so a budget is never exceeded;
+without either, 10 tokens. Prompts carry no position embedding, as in VPT. Initialisation follows the VPT code: ``U(-v, v)`` with
 ``v = sqrt(6 / (3 * patch_area + D))`` (Xavier-uniform over the patch projection's fan-in + D).
 """
 
@@ -21,7 +23,9 @@ from torch import nn
 
 from mimi.core.adapters import freeze_backbone
 from mimi.core.errors import ConfigError, ModelError
-from mimi.methods.base import Method, MethodOptions, PrepareContext, option, register
+from mimi.methods.base import Method, MethodOptions, PrepareContext, Traits, option, register
+
+DEFAULT_PROMPTS = 10
 
 
 class PromptedBlock(nn.Module):
@@ -97,16 +101,33 @@ def add_prompts(model: nn.Module, *, num_prompts: int = 10, dropout: float = 0.0
     return model
 
 
+def prompts_for_budget(model: nn.Module, budget: int) -> int:
+    """The most prompt tokens per block whose parameters (``embed_dim`` a token a block) hold at most ``budget``.
+
+    Raises:
+        ConfigError: one token per block already exceeds the budget.
+    """
+    per_token = model.embed_dim * len(model.blocks)
+    if budget < per_token:
+        raise ConfigError(
+            f"vpt-deep: the budget ({budget:,} parameters) is below one prompt token per block ({per_token:,}); "
+            "raise the budget, or pass --method-kwargs '{\"num_prompts\": 1}' to go over it"
+        )
+    return budget // per_token
+
+
 @dataclass
 class VPTOptions(MethodOptions):
-    """Options of ``vpt-deep``."""
+    """Options of ``vpt-deep``: ``num_prompts`` tokens, else as many as the run's budget holds, else 10."""
 
-    num_prompts: int = option(10, "prompt tokens inserted at every block")
+    num_prompts: int | None = option(
+        None, "prompt tokens inserted at every block (default: as many as the run's budget holds, else 10)"
+    )
     dropout: float = option(0.0, "dropout on the prompt tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_prompts < 1:
+        if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -116,9 +137,14 @@ class VPTOptions(MethodOptions):
 class VPTDeep(Method):
     description = "VPT-deep: num_prompts learnable tokens prepended at every block (ViT family only)"
     Options = VPTOptions
+    traits = Traits(budget_sets="num_prompts")
 
     def prepare(self, model: nn.Module, options: VPTOptions, ctx: PrepareContext) -> nn.Module:
-        return add_prompts(model, num_prompts=options.num_prompts, dropout=options.dropout, seed=ctx.seed)
+        _check_vit(model)
+        n = options.num_prompts
+        if n is None:
+            n = prompts_for_budget(model, ctx.budget) if ctx.budget is not None else DEFAULT_PROMPTS
+        return add_prompts(model, num_prompts=n, dropout=options.dropout, seed=ctx.seed)
 
     def extra_info(self, model: nn.Module) -> dict[str, Any]:
         blocks = [m for m in model.modules() if isinstance(m, PromptedBlock)]

@@ -53,6 +53,7 @@ KILOBYTE_CANDIDATES: tuple[Candidate, ...] = (
     Candidate("adapter r=1, spread blocks", "adapter", {"blocks": "spread"}, adapter_dim=1),
     Candidate("adapter r=1, last blocks", "adapter", {"blocks": "last"}, adapter_dim=1),
     Candidate("adapter r=1, every block", "adapter", adapter_dim=1),
+    Candidate("vpt-deep (tokens from the budget)", "vpt-deep"),
     Candidate("vpt-deep, 1 token", "vpt-deep", {"num_prompts": 1}),
     Candidate("vpt-deep, 2 tokens", "vpt-deep", {"num_prompts": 2}),
     Candidate("lora r=1 on qkv", "lora", {"rank": 1, "targets": ["attn.qkv"]}),
@@ -85,7 +86,7 @@ class PlanRow:
 
 def _note(method: Any, model: nn.Module) -> str:
     info = method.extra_info(model)
-    picks = {k: v for k, v in info.items() if k in ("fact_rank", "rank", "adapter_blocks", "lora_rank", "vera_rank")}
+    picks = {k: v for k, v in info.items() if k in ("fact_rank", "rank", "adapter_blocks", "lora_rank", "vera_rank", "num_prompts")}
     return ", ".join(f"{k} {v}" for k, v in picks.items())
 
 
