@@ -86,7 +86,11 @@ class PlanRow:
 
 def _note(method: Any, model: nn.Module) -> str:
     info = method.extra_info(model)
-    picks = {k: v for k, v in info.items() if k in ("fact_rank", "rank", "adapter_blocks", "lora_rank", "vera_rank", "num_prompts")}
+    picks = {
+        k: v
+        for k, v in info.items()
+        if k in ("fact_rank", "rank", "adapter_blocks", "lora_rank", "vera_rank", "num_prompts")
+    }
     return ", ".join(f"{k} {v}" for k, v in picks.items())
 
 
