@@ -261,3 +261,35 @@ def test_test_every_last_still_tests_a_run_cut_by_max_cycles(tmp_path, finished_
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 2 and summary[-1]["adapter_params"] > BUDGET  # stopped above the budget
     assert summary[0]["test_acc"] is None and summary[-1]["test_acc"] is not None
+
+
+def test_epoch_lines_name_what_a_method_without_adapters_trains(finished_run, tmp_path):
+    """VPT-deep sized by the budget: the epoch line gives its prompt parameters, not "adapter params 0"."""
+    import timm
+
+    import mimi.trainer
+    from mimi.config import TrainConfig
+
+    vit = timm.create_model("test_vit", pretrained=False, img_size=32)
+    per_token = vit.embed_dim * len(vit.blocks)
+    root, _ = finished_run
+    cfg = TrainConfig(
+        model="test_vit",
+        img_size=32,
+        data="vtab1k:toy",
+        data_root=str(root),
+        method="vpt-deep",
+        budget_params=2 * per_token + 1,  # room for two tokens a block, not three
+        first_epochs=1,
+        batch_size=16,
+        device="cpu",
+        seed=0,
+        out=str(tmp_path / "vpt"),
+        progress=False,
+        tensorboard=False,
+    )
+    lines: list[str] = []
+    mimi.trainer.train(cfg, log=lines.append)
+    epoch_lines = [line for line in lines if line.startswith("cycle 0 epoch")]
+    assert epoch_lines and all(f"trained params {2 * per_token:,} (no head)" in line for line in epoch_lines)
+    assert not any("adapter params 0" in line for line in epoch_lines)

@@ -17,6 +17,7 @@ from mimi.core import taskfile as ckpt
 from mimi.core.adapters import adapter_param_count, adapters, count_trainable
 from mimi.core.errors import CheckpointError, ConfigError, TrainingError
 from mimi.core.files import atomic_write_json
+from mimi.core.modules import trainable_without_head
 from mimi.core.schedule import MiMiPruner
 from mimi.core.scores import GradientAccumulator
 from mimi.training import distill, distributed
@@ -212,9 +213,13 @@ class Trainer:
         if self.writer is not None:
             for k in ("train_loss", "train_acc", "val_acc", "val_loss", "lr"):
                 self.writer.add_scalar(k, stats[k], stats["global_epoch"])
+        if stats["adapter_params"]:
+            size = f"adapter params {stats['adapter_params']:,}"
+        else:  # a method without adapters (prompts, LoRA, FacT, ...): what it trains, besides the head
+            size = f"trained params {trainable_without_head(self.run.model):,} (no head)"
         self.log(
             f"cycle {cycle} epoch {epoch}/{n_epochs} | loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} "
-            f"| val {stats['val_acc']:.3f} | adapter params {stats['adapter_params']:,} | {stats['seconds']:.1f}s"
+            f"| val {stats['val_acc']:.3f} | {size} | {stats['seconds']:.1f}s"
         )
 
     def _train_cycle(self, cycle: int, start_epoch: int, opt, sched, t0: float) -> None:
