@@ -263,7 +263,7 @@ def test_test_every_last_still_tests_a_run_cut_by_max_cycles(tmp_path, finished_
     assert summary[0]["test_acc"] is None and summary[-1]["test_acc"] is not None
 
 
-def test_epoch_lines_name_what_a_method_without_adapters_trains(finished_run, tmp_path):
+def test_epoch_lines_name_what_a_method_without_adapters_trains(finished_run, tmp_path, capsys):
     """VPT-deep sized by the budget: the epoch line gives its prompt parameters, not "adapter params 0"."""
     import timm
 
@@ -293,3 +293,13 @@ def test_epoch_lines_name_what_a_method_without_adapters_trains(finished_run, tm
     epoch_lines = [line for line in lines if line.startswith("cycle 0 epoch")]
     assert epoch_lines and all(f"trained params {2 * per_token:,} (no head)" in line for line in epoch_lines)
     assert not any("adapter params 0" in line for line in epoch_lines)
+
+    # `mimi info` lists the prompts by block in numeric order and says what is trained besides the head
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "vpt")]) == 0
+    text = capsys.readouterr().out.splitlines()
+    blocks = [line.split()[0] for line in text if line.startswith("blocks.")]
+    assert blocks == [f"blocks.{i}" for i in range(len(vit.blocks))]
+    assert text[2].startswith("trained module")
+    assert f"trained besides the head: {len(vit.blocks)} modules, {2 * per_token:,} parameters" in text
+    assert not any(line.startswith("adapters:") for line in text)

@@ -46,6 +46,11 @@ def _info_peft(path: Path) -> int:
     return 0
 
 
+def _natural(name: str) -> list[int | str]:
+    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from mimi.core.taskfile import byte_breakdown, load_tensors, read_metadata, tensor_bytes, unit_sizes
     from mimi.deploy.peft_folder import is_peft_folder
@@ -70,28 +75,33 @@ def cmd_info(args: argparse.Namespace) -> int:
         source = f", weights {meta['weights_source']}" if meta.get("weights_source") else ""
         print(f"trained: {meta.get('method', '?')} on {meta.get('data', '?')}, backbone {meta['model']}{size}{source}")
     lora = "lora" in meta
-    print(f"{'LoRA layer' if lora else 'adapter':<40} {'rank' if lora else 'hidden':>6} {'params':>9} {'bytes':>9}")
     trained = [k for k in tensors if not k.startswith("__")]
-    for name, h in sizes.items():
-        n, b = _stored(tensors, per, [k for k in trained if k.startswith(name + ".")])
-        print(f"{name:<40} {h:>6} {n:>9,} {b:>9,}")
     # what a method trains besides adapters, LoRA layers and the head (FacT's factors, VPT's prompts...), by module
     others: dict[str, list[str]] = {}
     for k in trained:
         if k not in head and not any(k.startswith(name + ".") for name in sizes):
             others.setdefault(k.rpartition(".")[0], []).append(k)
-    for module, names in others.items():
+    first = "LoRA layer" if lora else "adapter" if sizes or not others else "trained module"
+    print(f"{first:<40} {'rank' if lora else 'hidden':>6} {'params':>9} {'bytes':>9}")
+    for name, h in sizes.items():
+        n, b = _stored(tensors, per, [k for k in trained if k.startswith(name + ".")])
+        print(f"{name:<40} {h:>6} {n:>9,} {b:>9,}")
+    for module, names in sorted(others.items(), key=lambda item: _natural(item[0])):
         n, b = _stored(tensors, per, names)
         print(f"{module:<40} {'-':>6} {n:>9,} {b:>9,}")
     head_n, _ = _stored(tensors, per, [k for k in trained if k in head])
     total, total_b = _stored(tensors, per, trained)
     parts = byte_breakdown(path)
     other = f" + other {parts['other']:,}" if parts["other"] else ""
+    kind = "LoRA" if lora else "adapters" if sizes or not others else "trained"
     print(
-        f"bytes: {'LoRA' if lora else 'adapters'} {parts['adapters']:,} + head {parts['head']:,} + header "
+        f"bytes: {kind} {parts['adapters']:,} + head {parts['head']:,} + header "
         f"{parts['header']:,} (JSON + 8-byte length){other} = {parts['total']:,}"
     )
-    print(f"adapters: {len(sizes)} alive, {sum(sizes.values())} hidden neurons, {total - head_n:,} parameters")
+    if sizes or not others:
+        print(f"adapters: {len(sizes)} alive, {sum(sizes.values())} hidden neurons, {total - head_n:,} parameters")
+    else:  # no adapters nor LoRA layers: prompts, shared factors, ...
+        print(f"trained besides the head: {len(others)} modules, {total - head_n:,} parameters")
     print(f"head: {head_n:,} parameters; total trained: {total:,} ({total_b:,} bytes)")
     return 0
 
