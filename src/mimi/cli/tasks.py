@@ -81,7 +81,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k in trained:
         if k not in head and not any(k.startswith(name + ".") for name in sizes):
             others.setdefault(k.rpartition(".")[0], []).append(k)
-    first = "LoRA layer" if lora else "adapter" if sizes or not others else "trained module"
+    by_adapter = bool(sizes) or not others  # adapters or LoRA layers, else what the method trains (prompts, ...)
+    first = "LoRA layer" if lora else "adapter" if by_adapter else "trained module"
     print(f"{first:<40} {'rank' if lora else 'hidden':>6} {'params':>9} {'bytes':>9}")
     for name, h in sizes.items():
         n, b = _stored(tensors, per, [k for k in trained if k.startswith(name + ".")])
@@ -93,14 +94,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     total, total_b = _stored(tensors, per, trained)
     parts = byte_breakdown(path)
     other = f" + other {parts['other']:,}" if parts["other"] else ""
-    kind = "LoRA" if lora else "adapters" if sizes or not others else "trained"
+    kind = "LoRA" if lora else "adapters" if by_adapter else "trained"
     print(
         f"bytes: {kind} {parts['adapters']:,} + head {parts['head']:,} + header "
         f"{parts['header']:,} (JSON + 8-byte length){other} = {parts['total']:,}"
     )
-    if sizes or not others:
+    if by_adapter:
         print(f"adapters: {len(sizes)} alive, {sum(sizes.values())} hidden neurons, {total - head_n:,} parameters")
-    else:  # no adapters nor LoRA layers: prompts, shared factors, ...
+    else:
         print(f"trained besides the head: {len(others)} modules, {total - head_n:,} parameters")
     print(f"head: {head_n:,} parameters; total trained: {total:,} ({total_b:,} bytes)")
     return 0

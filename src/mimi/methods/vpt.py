@@ -8,8 +8,8 @@ prompts and the rest of the network (final norm, pooling, head) sees the origina
 
 Given a parameter budget (``--budget-params`` / ``--budget-dim``) and no ``num_prompts``, the method takes as many
 tokens per block as the budget holds (``embed_dim`` parameters a token a block), so a budget is never exceeded;
-without either, 10 tokens. Prompts carry no position embedding, as in VPT. Initialisation follows the VPT code: ``U(-v, v)`` with
-``v = sqrt(6 / (3 * patch_area + D))`` (Xavier-uniform over the patch projection's fan-in + D).
+without either, 10 tokens. Prompts carry no position embedding, as in VPT. Initialisation follows the VPT code:
+``U(-v, v)`` with ``v = sqrt(6 / (3 * patch_area + D))`` (Xavier-uniform over the patch projection's fan-in + D).
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def _check_vit(model: nn.Module) -> None:
         raise ModelError("the model already holds VPT prompts; build a fresh backbone")
 
 
-def add_prompts(model: nn.Module, *, num_prompts: int = 10, dropout: float = 0.0, seed: int | None = None) -> nn.Module:
+def add_prompts(
+    model: nn.Module, *, num_prompts: int = DEFAULT_PROMPTS, dropout: float = 0.0, seed: int | None = None
+) -> nn.Module:
     """Wrap every block of a timm ViT in a :class:`PromptedBlock`; freeze all but prompts and the head (in place)."""
     _check_vit(model)
     if num_prompts < 1:
