@@ -105,10 +105,9 @@ def main() -> None:
     if not runs:
         raise SystemExit("no finished run to measure: run `mimi bench configs/bench/minivtab_kb.yaml` first")
     target_budget = args.peer_budget if args.peers else TARGET_BUDGET
-    if args.out is None and args.peers:
+    if args.out is None:
         suffix = "" if target_budget == TARGET_BUDGET else f"_{target_budget}"
-        args.out = PEERS_OUT.with_name(f"{PEERS_OUT.stem}{suffix}.json")
-    args.out = args.out or OUT
+        args.out = PEERS_OUT.with_name(f"{PEERS_OUT.stem}{suffix}.json") if args.peers else OUT
     start, results = time.perf_counter(), {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_dir in runs:
